@@ -1,0 +1,210 @@
+"""The Python API: ``quantize(model, calibration, config) -> QuantResult``.
+
+Data flows one way: load -> normalise -> find layers -> calibrate -> choose -> rewrite ->
+verify. The CLI is a thin layer over this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import __version__, functions
+from .calibrate import collect_histograms
+from .choose import ActDecision, LayerDecision, choose_all
+from .config import QuantConfig
+from .data import CalibrationLike, input_specs, make_source
+from .errors import MxqnError
+from .layers import Skipped, find_layers
+from .loading import ModelLike, load_model, normalise
+from .measure import Comparison, compare
+from .quantizers import combine_sqnr_db
+from .rewrite import FORMAT_VERSION, rewrite
+
+
+def _finite(x):
+    """JSON-safe number: infinities (noise-free tensors) become None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+@dataclass
+class QuantResult:
+    """The converted model and what was decided and measured."""
+
+    model: onnx.ModelProto
+    layers: List[LayerDecision]
+    activations: Dict[str, ActDecision]
+    float_layers: List[Skipped]
+    predicted_sqnr_db: float
+    comparison: Optional[Comparison]
+    calibration_samples: int
+    size_before: int
+    size_after: int
+    timings: Dict[str, float] = field(default_factory=dict)
+    config: QuantConfig = field(default_factory=QuantConfig)
+
+    @property
+    def measured_sqnr_db(self) -> Optional[float]:
+        return self.comparison.output_sqnr_db if self.comparison else None
+
+    def decisions(self) -> dict:
+        """The per-layer decisions, as stored in the model's metadata."""
+        return _finite({
+            "format": "mxqn",
+            "format_version": FORMAT_VERSION,
+            "producer": f"mxqn-onnx {__version__}",
+            "domain": functions.DOMAIN,
+            "config": self.config.to_dict(),
+            "layers": [d.to_dict() for d in self.layers],
+            "activations": [vars(a) for a in self.activations.values()],
+            "float_layers": [vars(s) for s in self.float_layers],
+            "predicted_output_sqnr_db": self.predicted_sqnr_db,
+            "calibration_samples": self.calibration_samples,
+        })
+
+    def report(self) -> dict:
+        """Decisions plus measurements (output SQNR, sizes, timings) as a JSON-ready dict."""
+        d = self.decisions()
+        d["measured"] = _finite(self.comparison.to_dict()) if self.comparison else None
+        d["size_bytes"] = {"before": self.size_before, "after": self.size_after}
+        d["timing_s"] = _finite(self.timings)
+        return d
+
+    def save(self, path) -> None:
+        """Write the model atomically (temporary file in the same folder, then rename)."""
+        save_model_atomic(self.model, path)
+
+
+def save_model_atomic(model: onnx.ModelProto, path) -> None:
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise MxqnError(f"{folder}: output folder does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise MxqnError(f"{folder}: output folder is not writable")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _normalised_fp32(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = max(source.ir_version, 7)
+    return model
+
+
+def _keep_float(layers, skipped, config: QuantConfig):
+    if not config.keep_float or not layers:
+        return layers, skipped
+    drop = set()
+    if config.keep_first:
+        drop.add(0)
+    if config.keep_last:
+        drop.add(len(layers) - 1)
+    for i in sorted(drop):
+        which = "first" if i == 0 else "last"
+        skipped.append(Skipped(layers[i].name, layers[i].op, f"kept in float ({which} layer, --keep-float)"))
+    return [l for i, l in enumerate(layers) if i not in drop], skipped
+
+
+def quantize(
+    model: ModelLike,
+    calibration: CalibrationLike,
+    config: Optional[QuantConfig] = None,
+    *,
+    progress: bool = False,
+    preprocess: str = "none",
+    image_size: Optional[Tuple[int, int]] = None,
+    **overrides,
+) -> QuantResult:
+    """Quantize an FP32 ONNX model with MXQN.
+
+    Args:
+        model: path to an .onnx file or an ``onnx.ModelProto``.
+        calibration: an .npy/.npz path, a folder of images, ``"random"`` (smoke tests only),
+            a numpy array, a dict of arrays, an iterable of ``{input: array}`` batches, or an
+            onnxruntime ``CalibrationDataReader``.
+        config: a :class:`QuantConfig`; keyword ``overrides`` replace its fields.
+        progress: show a progress bar on stderr.
+        preprocess: for image folders: ``none``, ``unit`` ([0, 1]) or ``imagenet``.
+        image_size: (H, W) for image folders when the model's input size is dynamic.
+    """
+    t0 = time.perf_counter()
+    if config is None:
+        config = QuantConfig.from_kwargs(**overrides)
+    else:
+        config = QuantConfig.from_kwargs(**{**config.to_dict(), **overrides})
+    source_model = load_model(model)
+    specs = input_specs(source_model)
+    source = make_source(calibration, specs, config.batch_size, preprocess, image_size,
+                         random_count=config.calib_count)
+    graph = normalise(source_model)
+    layers, skipped = find_layers(graph, config.exclude)
+    layers, skipped = _keep_float(layers, skipped, config)
+    if not layers:
+        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
+        raise MxqnError(
+            "no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight) "
+            "in this model" + (f" ({detail})" if detail else "") + "; nothing to do"
+        )
+    fp32 = _normalised_fp32(graph, source_model)
+    t_load = time.perf_counter()
+
+    tensors = [l.data.name for l in layers]
+    keep = 0 if source.reiterable else config.verify_count
+    hists, n_samples, kept = collect_histograms(fp32, tensors, source, config.calib_count,
+                                                progress, keep_batches=keep if config.verify else 0)
+    del fp32
+    t_calib = time.perf_counter()
+
+    decisions, acts = choose_all(layers, hists, config)
+    terms = [d.weight.sqnr_db for d in decisions] + [a.sqnr_db for a in acts.values()]
+    predicted = combine_sqnr_db(terms)
+    t_choose = time.perf_counter()
+
+    result = QuantResult(
+        model=onnx.ModelProto(), layers=decisions, activations=acts, float_layers=skipped,
+        predicted_sqnr_db=predicted, comparison=None, calibration_samples=n_samples,
+        size_before=source_model.ByteSize(), size_after=0, config=config,
+    )
+    qmodel = rewrite(graph, layers, decisions, acts, source_model, result.decisions())
+    try:
+        onnx.checker.check_model(qmodel)
+    except onnx.checker.ValidationError as exc:  # a bug of ours, not bad input
+        raise RuntimeError(f"mxqn-onnx produced an invalid model: {exc}") from exc
+    result.model = qmodel
+    result.size_after = qmodel.ByteSize()
+    t_rewrite = time.perf_counter()
+
+    if config.verify:
+        batches = source.batches(min(config.verify_count, config.calib_count or config.verify_count)) \
+            if source.reiterable else iter(kept)
+        result.comparison = compare(source_model, qmodel, batches)
+    t_verify = time.perf_counter()
+    result.timings = {
+        "load": t_load - t0, "calibrate": t_calib - t_load, "choose": t_choose - t_calib,
+        "rewrite": t_rewrite - t_choose, "convert_total": t_rewrite - t0, "verify": t_verify - t_rewrite,
+    }
+    return result

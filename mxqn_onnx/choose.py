@@ -1,0 +1,177 @@
+"""Choose each layer's quantizers by SQNR: weights fixed point (per tensor or per channel),
+activations fixed point or log, bias int32."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+
+from . import quantizers as Q
+from .config import QuantConfig
+from .layers import Layer
+from .observers import TensorHistogram
+
+BIAS_BITS = 32
+
+
+@dataclass
+class WeightDecision:
+    bits: int
+    granularity: str  # "tensor" | "channel"
+    frac: Union[int, List[int]]
+    axis: Optional[int]
+    sqnr_db: float
+    sqnr_tensor_db: float
+    sqnr_channel_db: Optional[float]
+
+    def frac_array(self, shape) -> np.ndarray:
+        """Fractional lengths broadcastable against a weight of ``shape``."""
+        if self.granularity == "tensor":
+            return np.array(self.frac, dtype=np.int64)
+        view = [1] * len(shape)
+        view[self.axis] = shape[self.axis]
+        return np.asarray(self.frac, dtype=np.int64).reshape(view)
+
+
+@dataclass
+class ActDecision:
+    tensor: str
+    kind: str  # "fixed" | "log"
+    bits: int
+    signed: bool
+    sqnr_db: float
+    sqnr_fixed_db: Optional[float]
+    sqnr_log_db: Optional[float]
+    frac: Optional[int] = None
+    k: Optional[int] = None
+    E: Optional[int] = None
+    min: float = 0.0
+    max: float = 0.0
+
+    def describe(self) -> str:
+        sign = "s" if self.signed else "u"
+        if self.kind == "fixed":
+            return f"fxp{self.bits}{sign} f={self.frac}"
+        return f"log{self.bits}{sign} k={self.k} E={self.E}"
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        if self.kind == "fixed":
+            return Q.fxp_quantize(x, self.bits, self.frac, self.signed)
+        return Q.log_quantize(x, self.bits, self.k, self.E, self.signed)
+
+
+@dataclass
+class LayerDecision:
+    name: str
+    op: str
+    params: int
+    weight: WeightDecision
+    act: ActDecision
+    bias_frac: Optional[Union[int, List[int]]] = None
+    bias_sqnr_db: Optional[float] = None
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["act"] = self.act.tensor
+        return d
+
+
+def _channels_first(w: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def choose_weight(w: np.ndarray, bits: int, granularity: str, axis: Optional[int],
+                  channel_gain_db: float) -> WeightDecision:
+    """Fixed point for a weight tensor, per tensor or per output channel by SQNR."""
+    tensor = Q.best_fxp_tensor(w, bits, signed=True)
+    if axis is None or granularity == "tensor" or w.ndim == 0:
+        return WeightDecision(bits, "tensor", tensor.frac, None, tensor.sqnr_db, tensor.sqnr_db, None)
+    fracs, ch_sqnr = Q.best_fxp_channels(_channels_first(w, axis), bits, signed=True)
+    if granularity == "channel" or ch_sqnr > tensor.sqnr_db + channel_gain_db:
+        return WeightDecision(bits, "channel", [int(f) for f in fracs], axis, ch_sqnr, tensor.sqnr_db, ch_sqnr)
+    return WeightDecision(bits, "tensor", tensor.frac, None, tensor.sqnr_db, tensor.sqnr_db, ch_sqnr)
+
+
+def choose_activation(hist: TensorHistogram, bits: int, mode: str, log_margin_db: float) -> ActDecision:
+    """Fixed point or log for an activation tensor, by SQNR on its histogram."""
+    bins = hist.bins()
+    signed = hist.signed
+    common = dict(tensor=hist.name, bits=bits, signed=signed, min=float(hist.min), max=float(hist.max))
+    if bins.max_abs == 0:
+        # all zeros: any quantizer is exact; fixed point with f=0 is the cheapest
+        return ActDecision(kind="fixed", frac=0, sqnr_db=float("inf"), sqnr_fixed_db=float("inf"),
+                           sqnr_log_db=None, **common)
+    fx = Q.best_fxp_binned(bins, bits, signed) if mode in ("auto", "fixed") else None
+    lg = Q.best_log_binned(bins, bits, signed) if mode in ("auto", "log") else None
+    use_log = lg is not None and (fx is None or lg.sqnr_db > fx.sqnr_db + log_margin_db)
+    fx_db = fx.sqnr_db if fx else None
+    lg_db = lg.sqnr_db if lg else None
+    if use_log:
+        return ActDecision(kind="log", k=lg.k, E=lg.E, sqnr_db=lg.sqnr_db, sqnr_fixed_db=fx_db,
+                           sqnr_log_db=lg_db, **common)
+    return ActDecision(kind="fixed", frac=fx.frac, sqnr_db=fx.sqnr_db, sqnr_fixed_db=fx_db,
+                       sqnr_log_db=lg_db, **common)
+
+
+def choose_bias(b: np.ndarray, wdec: WeightDecision, act: ActDecision):
+    """int32 fractional length(s) for a bias: ``f_w + f_a`` when the input is fixed point.
+
+    An integer pipeline then adds the bias to the accumulator without rescaling. Where that
+    would overflow int32 (or the input is log quantized) the largest fractional length that
+    fits is used instead. Returns ``(frac, sqnr_db, note)``.
+    """
+    b64 = np.abs(b.astype(np.float64))
+    safe = np.array([Q.no_overflow_frac(float(m), BIAS_BITS, True) if m > 0 else BIAS_BITS - 1
+                     for m in b64], dtype=np.int64)
+    note = None
+    if act.kind == "fixed":
+        f_w = np.broadcast_to(np.asarray(wdec.frac, dtype=np.int64), b.shape)
+        target = f_w + act.frac
+        f = np.minimum(target, safe)
+        if np.any(f != target):
+            note = "bias f_w + f_a would overflow int32 in some channels; used the largest fitting f"
+    else:
+        f = safe
+        note = "input is log quantized: bias fractional length set by its int32 range"
+    sqnr = Q.sqnr_of(b, Q.fxp_quantize(b, BIAS_BITS, f, True))
+    uniform = bool(np.all(f == f.flat[0])) and wdec.granularity == "tensor"
+    frac_out: Union[int, List[int]] = int(f.flat[0]) if uniform else [int(v) for v in f]
+    return frac_out, sqnr, note
+
+
+def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig) -> LayerDecision:
+    """All decisions for one layer whose input quantizer is ``act``."""
+    w = layer.weight
+    wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db)
+    dec = LayerDecision(layer.name, layer.op, int(w.size), wdec, act)
+    b = layer.bias
+    if b is not None:
+        dec.bias_frac, dec.bias_sqnr_db, note = choose_bias(b, wdec, act)
+        if note:
+            dec.notes.append(note)
+    return dec
+
+
+def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: QuantConfig):
+    """Decisions for every layer; activation quantizers shared by tensor name.
+
+    ``keep_first``/``keep_last`` layers get ``keep_bits`` (the float case is handled by the
+    caller, which never passes them here). A tensor feeding several layers gets the highest
+    of their activation bit widths.
+    """
+    bits_for: Dict[int, tuple] = {}
+    for i, layer in enumerate(layers):
+        keep = (config.keep_first and i == 0) or (config.keep_last and i == len(layers) - 1)
+        bits_for[i] = (config.keep_bits, config.keep_bits) if keep else (config.wbits, config.abits)
+    act_bits: Dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        t = layer.data.name
+        act_bits[t] = max(act_bits.get(t, 0), bits_for[i][1])
+    acts = {t: choose_activation(hists[t], b, config.act_quant, config.log_margin_db)
+            for t, b in act_bits.items()}
+    decisions = [decide_layer(layer, acts[layer.data.name], bits_for[i][0], config)
+                 for i, layer in enumerate(layers)]
+    return decisions, acts
