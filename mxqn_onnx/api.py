@@ -17,14 +17,15 @@ from typing import Dict, List, Optional, Tuple
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import __version__, functions
+from . import __version__, correction, functions
 from .calibrate import collect_histograms
 from .choose import ActDecision, LayerDecision, choose_all
 from .config import QuantConfig
 from .data import CalibrationLike, input_specs, make_source
 from .errors import MxqnError
 from .layers import Skipped, find_layers
-from .loading import ModelLike, load_model, normalise
+from .containers import weight_container
+from .loading import MIN_OPSET, ModelLike, default_opset, load_model, normalise
 from .measure import Comparison, compare
 from .quantizers import combine_sqnr_db
 from .rewrite import FORMAT_VERSION, rewrite
@@ -58,6 +59,7 @@ class QuantResult:
     size_after: int
     timings: Dict[str, float] = field(default_factory=dict)
     config: QuantConfig = field(default_factory=QuantConfig)
+    opset: int = 0  # the output's default-domain opset (decides the weight containers)
 
     @property
     def measured_sqnr_db(self) -> Optional[float]:
@@ -66,12 +68,13 @@ class QuantResult:
     def decisions(self) -> dict:
         """The per-layer decisions, as stored in the model's metadata."""
         return _finite({
-            "format": "mxqn",
+            "format": self.config.format,
             "format_version": FORMAT_VERSION,
+            "opset": self.opset,
             "producer": f"mxqn-onnx {__version__}",
             "domain": functions.DOMAIN,
             "config": self.config.to_dict(),
-            "layers": [d.to_dict() for d in self.layers],
+            "layers": [_with_container(d.to_dict(), self.opset) for d in self.layers],
             "activations": [vars(a) for a in self.activations.values()],
             "float_layers": [vars(s) for s in self.float_layers],
             "predicted_output_sqnr_db": self.predicted_sqnr_db,
@@ -89,6 +92,32 @@ class QuantResult:
     def save(self, path) -> None:
         """Write the model atomically (temporary file in the same folder, then rename)."""
         save_model_atomic(self.model, path)
+
+
+def _with_container(layer: dict, opset: int) -> dict:
+    """Add the weight's storage type: 5-7 bit codes still take a whole int8 each."""
+    layer["weight"]["container"] = weight_container(layer["weight"]["bits"], opset)
+    return layer
+
+
+def raise_opset(model: onnx.ModelProto, opset: Optional[int]) -> onnx.ModelProto:
+    """The model converted to default-domain ``opset`` (None or its own: unchanged).
+
+    onnx's version converter rewrites the ops whose signature changed (for example the
+    ReduceMean axes attribute that became an input at opset 18).
+    """
+    current = default_opset(model)
+    if opset is None or opset == current:
+        return model
+    if opset < current:
+        raise MxqnError(f"the model already uses opset {current}; --opset can only raise it (got {opset})")
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MxqnError(f"could not convert the model from opset {current} to {opset} ({first})") from None
 
 
 def save_model_atomic(model: onnx.ModelProto, path) -> None:
@@ -160,7 +189,7 @@ def quantize(
     specs = input_specs(source_model)
     source = make_source(calibration, specs, config.batch_size, preprocess, image_size,
                          random_count=config.calib_count)
-    graph = normalise(source_model)
+    graph = normalise(raise_opset(source_model, config.opset))
     layers, skipped = find_layers(graph, config.exclude)
     layers, skipped = _keep_float(layers, skipped, config)
     if not layers:
@@ -174,8 +203,15 @@ def quantize(
 
     tensors = [l.data.name for l in layers]
     keep = 0 if source.reiterable else config.verify_count
+    channel_axes = {}
+    if config.bias_correction:
+        for layer in layers:
+            axis = correction.input_channel_axis(layer)
+            if axis is not None:
+                channel_axes[layer.data.name] = axis
     hists, n_samples, kept = collect_histograms(fp32, tensors, source, config.calib_count,
-                                                progress, keep_batches=keep if config.verify else 0)
+                                                progress, keep_batches=keep if config.verify else 0,
+                                                channel_axes=channel_axes)
     del fp32
     t_calib = time.perf_counter()
 
@@ -188,8 +224,9 @@ def quantize(
         model=onnx.ModelProto(), layers=decisions, activations=acts, float_layers=skipped,
         predicted_sqnr_db=predicted, comparison=None, calibration_samples=n_samples,
         size_before=source_model.ByteSize(), size_after=0, config=config,
+        opset=max(int(graph.opset), MIN_OPSET),
     )
-    qmodel = rewrite(graph, layers, decisions, acts, source_model, result.decisions())
+    qmodel = rewrite(graph, layers, decisions, acts, source_model, result.decisions(), fmt=config.format)
     try:
         onnx.checker.check_model(qmodel)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not bad input

@@ -49,16 +49,19 @@ def collect_histograms(
     limit: Optional[int] = None,
     progress: bool = False,
     keep_batches: int = 0,
+    channel_axes: Optional[Dict[str, int]] = None,
 ) -> tuple:
     """Histograms of ``tensors`` over the calibration data, batch by batch.
 
     Returns ``(histograms, n_samples, kept)`` where ``kept`` holds the first batches (up to
     ``keep_batches`` samples) when the source cannot be read twice, for the verification run.
+    ``channel_axes`` names tensors whose per-channel means are also wanted (bias correction).
     """
     input_names = {s.name for s in source.specs}
     observed = [t for t in dict.fromkeys(tensors) if t not in input_names]
     session = make_session(model, observed)
-    hists: Dict[str, TensorHistogram] = {t: TensorHistogram(t) for t in dict.fromkeys(tensors)}
+    channel_axes = channel_axes or {}
+    hists: Dict[str, TensorHistogram] = {t: TensorHistogram(t, channel_axes.get(t)) for t in dict.fromkeys(tensors)}
     n_samples = 0
     kept = []
     kept_n = 0

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from . import quantizers as Q
+from . import correction, quantizers as Q
 from .config import QuantConfig
 from .layers import Layer
 from .observers import TensorHistogram
@@ -71,11 +71,15 @@ class LayerDecision:
     act: ActDecision
     bias_frac: Optional[Union[int, List[int]]] = None
     bias_sqnr_db: Optional[float] = None
+    bias_correction: bool = False
     notes: List[str] = field(default_factory=list)
+    #: the bias to store when it differs from the model's (bias correction); not serialised
+    bias_values: Optional[np.ndarray] = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["act"] = self.act.tensor
+        del d["bias_values"]
         return d
 
 
@@ -142,12 +146,31 @@ def choose_bias(b: np.ndarray, wdec: WeightDecision, act: ActDecision):
     return frac_out, sqnr, note
 
 
-def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig) -> LayerDecision:
-    """All decisions for one layer whose input quantizer is ``act``."""
+def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig,
+                 mean_in: Optional[np.ndarray] = None) -> LayerDecision:
+    """All decisions for one layer whose input quantizer is ``act``.
+
+    With ``config.bias_correction`` and the input's per-channel means, the bias is corrected
+    for the mean shift of weight quantization (see :mod:`mxqn_onnx.correction`) before its
+    fractional length is chosen; the corrected values travel in ``LayerDecision.bias_values``.
+    """
     w = layer.weight
     wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db)
     dec = LayerDecision(layer.name, layer.op, int(w.size), wdec, act)
     b = layer.bias
+    can_add_bias = layer.bias_index is None and len(layer.node.inputs) == 2 and layer.op in ("Conv", "Gemm")
+    if config.bias_correction and mean_in is not None and (b is not None or can_add_bias):
+        if b is None:
+            out_axis = 0 if layer.op == "Conv" or int(layer.node.attrs.get("transB", 0)) else 1
+            b = np.zeros(w.shape[out_axis], dtype=np.float32)
+        wq = Q.fxp_quantize(w, wbits, wdec.frac_array(w.shape), True)
+        shift = correction.weight_error_shift(layer, w, wq, mean_in)
+        if shift is not None:
+            b = (b.astype(np.float64) - shift).astype(np.float32)
+            dec.bias_values = b
+            dec.bias_correction = True
+        elif layer.bias is None:
+            b = None
     if b is not None:
         dec.bias_frac, dec.bias_sqnr_db, note = choose_bias(b, wdec, act)
         if note:
@@ -172,6 +195,7 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
         act_bits[t] = max(act_bits.get(t, 0), bits_for[i][1])
     acts = {t: choose_activation(hists[t], b, config.act_quant, config.log_margin_db)
             for t, b in act_bits.items()}
-    decisions = [decide_layer(layer, acts[layer.data.name], bits_for[i][0], config)
+    decisions = [decide_layer(layer, acts[layer.data.name], bits_for[i][0], config,
+                              hists[layer.data.name].channel_mean)
                  for i, layer in enumerate(layers)]
     return decisions, acts

@@ -54,6 +54,8 @@ def _add_convert(sub) -> None:
     q.add_argument("--keep-last", action="store_true", help="keep the last layer at --keep-bits")
     q.add_argument("--keep-bits", type=int, default=8, help="bits for --keep-first/--keep-last (default 8)")
     q.add_argument("--keep-float", action="store_true", help="keep those layers in float instead")
+    q.add_argument("--no-bias-correction", action="store_true",
+                   help="do not correct biases for the mean shift caused by weight quantization")
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE", help="also write the report as JSON")
     o.add_argument("--no-verify", action="store_true",
@@ -114,6 +116,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         keep_first=args.keep_first, keep_last=args.keep_last, keep_float=args.keep_float,
         keep_bits=args.keep_bits, calib_count=args.calib_count, batch_size=args.batch_size,
         verify=not args.no_verify, verify_count=args.verify_count,
+        bias_correction=not args.no_bias_correction,
     ).validate()
     if args.calib is None:
         raise MxqnError("no calibration data; give --calib FILE|FOLDER (or --calib random for a smoke test)")

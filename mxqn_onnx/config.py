@@ -9,6 +9,7 @@ from .errors import MxqnError
 
 GRANULARITIES = ("auto", "tensor", "channel")
 ACT_MODES = ("auto", "fixed", "log")
+FORMATS = ("mxqn", "qdq")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -32,6 +33,12 @@ class QuantConfig:
         batch_size: samples per onnxruntime run during calibration.
         verify: after rewriting, run FP32 and quantized models and measure output SQNR.
         verify_count: samples used for that measurement.
+        bias_correction: subtract from each bias the mean output shift that weight
+            quantization causes, estimated from the calibration inputs' channel means.
+        format: output format: ``mxqn`` (Cast/Mul weights, custom quantizer nodes) or ``qdq``
+            (standard QuantizeLinear/DequantizeLinear with scales 2^-f where expressible).
+        opset: raise the output's default-domain opset to this (None: keep the model's, at
+            least 13). Opset 21 allows packed int4 weights and 16-bit QDQ.
     """
 
     wbits: int = 8
@@ -49,6 +56,9 @@ class QuantConfig:
     batch_size: int = 16
     verify: bool = True
     verify_count: int = 256
+    bias_correction: bool = True
+    format: str = "mxqn"
+    opset: Optional[int] = None
 
     def validate(self) -> "QuantConfig":
         """Check every field; raise :class:`MxqnError` naming the first bad one."""
@@ -61,6 +71,14 @@ class QuantConfig:
                 f"weight_granularity must be one of {', '.join(GRANULARITIES)}, "
                 f"got {self.weight_granularity!r}"
             )
+        if self.format not in FORMATS:
+            raise MxqnError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.opset is not None:
+            import onnx
+
+            newest = onnx.defs.onnx_opset_version()
+            if not isinstance(self.opset, int) or isinstance(self.opset, bool) or not 13 <= self.opset <= newest:
+                raise MxqnError(f"opset must be an integer from 13 to {newest}, got {self.opset!r}")
         if self.act_quant not in ACT_MODES:
             raise MxqnError(f"act_quant must be one of {', '.join(ACT_MODES)}, got {self.act_quant!r}")
         for name in ("channel_gain_db", "log_margin_db"):

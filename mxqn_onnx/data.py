@@ -9,6 +9,7 @@ generators and onnxruntime ``CalibrationDataReader`` objects are read once.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -101,7 +102,7 @@ class DataSource:
     def batches(self, limit: Optional[int] = None) -> Iterator[Feed]:
         """Checked batches, stopping after ``limit`` samples."""
         seen = 0
-        for i, feed in enumerate(self._factory()):
+        for i, feed in enumerate(_rebatch(self._factory(), self.specs, self.label)):
             feed = check_feed(feed, self.specs, f"{self.label} (batch {i})")
             n = _batch_len(feed)
             if limit is not None and seen + n > limit:
@@ -116,6 +117,36 @@ class DataSource:
                 return
         if seen == 0:
             raise MxqnError(f"{self.label}: no calibration samples; give a non-empty data set")
+
+
+def fixed_batch(specs: Sequence[InputSpec]) -> Optional[int]:
+    """The batch size every input fixes (old exports often say 1), or None when it is dynamic."""
+    dims = {s.shape[0] if s.shape else None for s in specs}
+    if len(dims) != 1:
+        return None
+    return dims.pop()
+
+
+def _rebatch(feeds: Iterable[Feed], specs: Sequence[InputSpec], label: str) -> Iterator[Feed]:
+    """Split batches into the model's fixed batch size, so any --batch-size works.
+
+    A trailing remainder smaller than the fixed batch cannot be fed; it is dropped with a
+    warning rather than failing the whole run.
+    """
+    size = fixed_batch(specs)
+    for feed in feeds:
+        lengths = {np.ndim(v) and np.shape(v)[0] for v in feed.values()}
+        n = lengths.pop() if len(lengths) == 1 else None
+        ranks_ok = all(np.ndim(feed.get(s.name)) == len(s.shape) for s in specs)
+        if size is None or n is None or n == size or n < size or not ranks_ok:
+            yield feed  # check_feed reports anything that does not fit
+            continue
+        whole = n - n % size
+        for start in range(0, whole, size):
+            yield {k: v[start:start + size] for k, v in feed.items()}
+        if whole < n:
+            warnings.warn(f"{label}: the model takes batches of exactly {size} samples; "
+                          f"dropped the last {n - whole} sample(s) of a batch of {n}", stacklevel=2)
 
 
 def _batch_len(feed: Feed) -> int:

@@ -8,8 +8,9 @@ node has a unique name. The source's inputs and outputs are kept as they are.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 import onnx
@@ -98,6 +99,17 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
         model.graph.input.extend(keep)
 
 
+@contextmanager
+def _quiet_graphsurgeon() -> Iterator[None]:
+    logger = gs.logger.G_LOGGER
+    before = logger.severity
+    logger.severity = logger.ERROR
+    try:
+        yield
+    finally:
+        logger.severity = before
+
+
 def normalise(model: onnx.ModelProto) -> gs.Graph:
     """A graphsurgeon graph with folded constants and BatchNorm, ready to find layers in."""
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
@@ -105,7 +117,9 @@ def normalise(model: onnx.ModelProto) -> gs.Graph:
         model = _upgrade_opset(model)
     _drop_initializer_inputs(model)
     graph = gs.import_onnx(model)
-    graph.fold_constants(fold_shapes=False, error_ok=True)
+    with _quiet_graphsurgeon():
+        # its warnings (large folded weights, missing 'colored') are noise to our users
+        graph.fold_constants(fold_shapes=False, error_ok=True)
     graph.cleanup(remove_unused_graph_inputs=False)
     fold_batchnorm(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -55,11 +55,15 @@ class NonFiniteError(ValueError):
 class TensorHistogram:
     """Streaming histogram of one tensor's values, plus exact min and max."""
 
-    def __init__(self, name: str = "") -> None:
+    def __init__(self, name: str = "", channel_axis: Optional[int] = None) -> None:
         self.name = name
         self.counts = np.zeros(N_BINS, dtype=np.int64)
         self.min = float("inf")
         self.max = float("-inf")
+        # per-channel sums along ``channel_axis`` (for bias correction); None: not tracked
+        self.channel_axis = channel_axis
+        self.channel_sum: Optional[np.ndarray] = None
+        self.channel_count = 0
 
     @property
     def total(self) -> int:
@@ -67,7 +71,8 @@ class TensorHistogram:
 
     def update(self, x: np.ndarray) -> None:
         """Add a batch of values (any shape, cast to float32)."""
-        x = np.ascontiguousarray(x, dtype=np.float32).ravel()
+        batch = np.ascontiguousarray(x, dtype=np.float32)
+        x = batch.ravel()
         if x.size == 0:
             return
         idx = x.view(np.uint32) >> np.uint32(_SHIFT)
@@ -80,12 +85,45 @@ class TensorHistogram:
         self.counts += counts
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
+        if self.channel_axis is not None and batch.ndim > self.channel_axis:
+            self._add_channel_sums(batch)
+
+    def _add_channel_sums(self, batch: np.ndarray) -> None:
+        axis = self.channel_axis % batch.ndim
+        other = tuple(i for i in range(batch.ndim) if i != axis)
+        sums = batch.sum(axis=other, dtype=np.float64)
+        if self.channel_sum is None:
+            self.channel_sum = sums
+        elif self.channel_sum.shape == sums.shape:
+            self.channel_sum += sums
+        else:  # channel count changed between batches: not a per-channel tensor after all
+            self.channel_axis = None
+            self.channel_sum = None
+            return
+        self.channel_count += batch.size // batch.shape[axis]
+
+    @property
+    def channel_mean(self) -> Optional[np.ndarray]:
+        """Mean value of each channel along ``channel_axis`` (None when not tracked)."""
+        if self.channel_sum is None or self.channel_count == 0:
+            return None
+        return self.channel_sum / self.channel_count
 
     def merge(self, other: "TensorHistogram") -> "TensorHistogram":
         """Add another histogram's counts into this one (returns self)."""
+        was_empty = self.total == 0
         self.counts += other.counts
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
+        if was_empty and self.channel_sum is None and other.channel_sum is not None:
+            self.channel_axis = other.channel_axis
+            self.channel_sum, self.channel_count = other.channel_sum.copy(), other.channel_count
+        elif self.channel_sum is not None and other.channel_sum is not None \
+                and self.channel_sum.shape == other.channel_sum.shape:
+            self.channel_sum = self.channel_sum + other.channel_sum
+            self.channel_count += other.channel_count
+        elif other.total:
+            self.channel_sum, self.channel_count = None, 0
         return self
 
     @property

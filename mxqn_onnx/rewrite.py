@@ -1,22 +1,25 @@
 """Rewrite the normalised FP32 graph into an mxqn model.
 
-Per quantized layer: the weight becomes an int8/int16 initializer followed by
-``Cast -> Mul(2^-f)``, the bias an int32 initializer likewise, and the layer's data input
-passes through a ``FixedQuant`` or ``LogQuant`` node (domain ``ai.mxqn``), shared by every
-quantized layer reading that tensor. The custom ops ship as model-local functions.
+Per quantized layer (format ``mxqn``): the weight becomes an integer initializer (int4 packed
+at opset >= 21 for <= 4 bits, else int8/int16) followed by ``Cast -> Mul(2^-f)``, the bias an
+int32 initializer likewise, and the layer's data input passes through a ``FixedQuant`` or
+``LogQuant`` node (domain ``ai.mxqn``), shared by every quantized layer reading that tensor.
+The custom ops ship as model-local functions. Format ``qdq`` writes the fixed-point tensors
+as standard QuantizeLinear/DequantizeLinear instead (see :mod:`mxqn_onnx.qdq`).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import functions, quantizers as Q
+from . import functions, qdq, quantizers as Q
 from .choose import ActDecision, LayerDecision
+from .containers import Container, container_for, qdq_supports, retype_initializers
 from .layers import Layer
 from .loading import METADATA_KEY, MIN_OPSET
 
@@ -29,8 +32,17 @@ def int_dtype(bits: int) -> type:
     return np.int8 if bits <= 8 else np.int16 if bits <= 16 else np.int32
 
 
-def _dequantized(graph: gs.Graph, name: str, codes: np.ndarray, frac: np.ndarray) -> gs.Variable:
-    """``Cast(codes) * 2^-frac`` as nodes; returns the float tensor."""
+def _dequantized(graph: gs.Graph, name: str, codes: np.ndarray, frac: np.ndarray,
+                 container: Optional[Container] = None,
+                 retype: Optional[Dict[str, Container]] = None) -> gs.Variable:
+    """``Cast(codes) * 2^-frac`` as nodes; returns the float tensor.
+
+    With a 4-bit ``container`` the codes are recorded in ``retype`` to be packed on export.
+    """
+    if container is not None:
+        codes = codes.astype(container.placeholder)
+        if retype is not None:
+            retype[f"{name}_q"] = container
     q = gs.Constant(f"{name}_q", codes)
     scale = gs.Constant(f"{name}_scale", Q.pow2(-np.asarray(frac, dtype=np.float64)))
     cast = gs.Variable(f"{name}_int_as_float", dtype=np.float32, shape=codes.shape)
@@ -52,39 +64,96 @@ def _act_node(graph: gs.Graph, tensor: gs.Variable, dec: ActDecision) -> gs.Vari
     return out
 
 
+def _uses_qdq_act(dec: ActDecision, fmt: str, opset: int) -> bool:
+    """Whether an activation quantizer is emitted as standard QuantizeLinear/DequantizeLinear."""
+    return fmt == "qdq" and dec.kind == "fixed" and qdq_supports(dec.bits, opset)
+
+
+def _bias_frac_for_qdq(dec: LayerDecision, shape) -> Optional[np.ndarray]:
+    """The bias fractional lengths when they equal ``f_w + f_a`` (what integer kernels assume)."""
+    if dec.act.kind != "fixed" or dec.bias_frac is None:
+        return None
+    target = np.broadcast_to(np.asarray(dec.weight.frac, dtype=np.int64), shape) + int(dec.act.frac)
+    got = np.broadcast_to(np.asarray(dec.bias_frac, dtype=np.int64), shape)
+    return target if np.array_equal(target, got) else None
+
+
 def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision],
-            acts: Dict[str, ActDecision], source: onnx.ModelProto, metadata: dict) -> onnx.ModelProto:
-    """Quantize ``graph`` in place per ``decisions`` and export it as an mxqn ModelProto."""
+            acts: Dict[str, ActDecision], source: onnx.ModelProto, metadata: dict,
+            fmt: str = "mxqn") -> onnx.ModelProto:
+    """Quantize ``graph`` in place per ``decisions`` and export it as a ModelProto.
+
+    ``fmt`` is ``"mxqn"`` (Cast/Mul dequantization, custom quantizer nodes) or ``"qdq"``
+    (standard QuantizeLinear/DequantizeLinear wherever the opset can express the tensor;
+    log quantizers, and widths the opset lacks, stay as custom nodes / Cast+Mul).
+    """
+    opset = max(int(graph.opset), MIN_OPSET)  # the normalised graph's opset (upgraded if it was older)
+    retype: Dict[str, Container] = {}
     quantized: Dict[str, gs.Variable] = {}
+    qdq_acts: Dict[str, ActDecision] = {}
+    fusable = set()
     for layer, dec in zip(layers, decisions):
         node = layer.node
         w = layer.weight
         wd = dec.weight
         frac = wd.frac_array(w.shape)
-        codes = Q.fxp_codes(w, wd.bits, frac, True).astype(int_dtype(wd.bits))
-        node.inputs[layer.weight_index] = _dequantized(graph, f"{dec.name}.weight", codes, frac)
-        if layer.bias_index is not None and dec.bias_frac is not None:
-            b = layer.bias
+        wcont = container_for(wd.bits, True, opset)
+        codes = Q.fxp_codes(w, wd.bits, frac, True)
+        if fmt == "qdq" and qdq_supports(wd.bits, opset):
+            node.inputs[layer.weight_index] = qdq.dequantize_constant(
+                graph, f"{dec.name}.weight", codes, wd.frac, wd.axis, wcont, retype)
+        else:
+            node.inputs[layer.weight_index] = _dequantized(graph, f"{dec.name}.weight", codes, frac,
+                                                           wcont, retype)
+        in_qdq = _uses_qdq_act(acts[layer.data.name], fmt, opset)
+        bias_qdq = True
+        if dec.bias_frac is not None:
+            b = layer.bias if dec.bias_values is None else dec.bias_values
             bfrac = np.broadcast_to(np.asarray(dec.bias_frac, dtype=np.int64), b.shape)
             bcodes = Q.fxp_codes(b, 32, bfrac, True).astype(np.int32)
-            node.inputs[layer.bias_index] = _dequantized(graph, f"{dec.name}.bias", bcodes, bfrac)
+            qdq_frac = _bias_frac_for_qdq(dec, b.shape) if in_qdq else None
+            if qdq_frac is not None:
+                scalar = wd.granularity == "tensor" and np.all(qdq_frac == qdq_frac.flat[0])
+                bias = qdq.dequantize_constant(graph, f"{dec.name}.bias", bcodes,
+                                               int(qdq_frac.flat[0]) if scalar else qdq_frac,
+                                               None if scalar else 0, container_for(32, True, opset), retype)
+            else:
+                # a bias at any other scale must not look like an integer kernel's bias
+                bias_qdq = False
+                bias = _dequantized(graph, f"{dec.name}.bias", bcodes, bfrac)
+            if layer.bias_index is None:  # bias correction gave a bias-free layer one
+                node.inputs.append(bias)
+            else:
+                node.inputs[layer.bias_index] = bias
         data = layer.data
         if data.name not in quantized:
-            quantized[data.name] = _act_node(graph, data, acts[data.name])
+            if in_qdq:
+                quantized[data.name] = qdq.quantize_activation(graph, data, acts[data.name], opset, retype)
+                qdq_acts[data.name] = acts[data.name]
+            else:
+                quantized[data.name] = _act_node(graph, data, acts[data.name])
         node.inputs[layer.data_index] = quantized[data.name]
+        if in_qdq and bias_qdq and qdq_supports(wd.bits, opset):
+            fusable.add(node.name)
+    if fmt == "qdq":
+        qdq.add_producer_quantizers(graph, qdq_acts, fusable, opset, retype)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
-    opset = max(int(graph.opset), MIN_OPSET)  # the normalised graph's opset (upgraded if it was older)
     graph.opset = opset
     model = gs.export_onnx(graph, do_type_check=True)
+    retype_initializers(model, retype)
+    custom = any(n.domain == functions.DOMAIN for n in model.graph.node)
     del model.opset_import[:]
-    model.opset_import.extend([onnx.helper.make_opsetid("", opset),
-                               onnx.helper.make_opsetid(functions.DOMAIN, functions.DOMAIN_VERSION)])
+    model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    if custom or fmt == "mxqn":
+        model.opset_import.append(onnx.helper.make_opsetid(functions.DOMAIN, functions.DOMAIN_VERSION))
     for imp in source.opset_import:
         if imp.domain not in ("", "ai.onnx", functions.DOMAIN):
             model.opset_import.append(imp)
-    model.functions.extend(functions.all_functions(opset))
-    model.ir_version = max(MIN_IR_VERSION, source.ir_version)
+    if custom or fmt == "mxqn":
+        model.functions.extend(functions.all_functions(opset))
+    model.ir_version = max(MIN_IR_VERSION, source.ir_version,
+                           onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     model.producer_name = "mxqn-onnx"
     from . import __version__
 
