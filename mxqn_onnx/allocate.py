@@ -74,6 +74,14 @@ class Unit:
     sqnr_db: Dict[int, float]
     sensitivity: float = 1.0
     fixed_bits: Optional[int] = None
+    #: per-width sensitivity (measured with the real quantizer at each width); overrides
+    #: ``sensitivity`` for the widths it holds
+    sensitivity_by_bits: Optional[Dict[int, float]] = None
+
+    def sensitivity_at(self, bits: int) -> float:
+        if self.sensitivity_by_bits and bits in self.sensitivity_by_bits:
+            return self.sensitivity_by_bits[bits]
+        return self.sensitivity
 
     def options(self, bits_set: Sequence[int]) -> List[int]:
         if self.fixed_bits is not None:
@@ -82,7 +90,7 @@ class Unit:
 
     def noise(self, bits: int) -> float:
         """This unit's contribution to ``1/SQNR_out`` at ``bits``."""
-        return self.sensitivity * db_to_noise(self.sqnr_db[bits])
+        return self.sensitivity_at(bits) * db_to_noise(self.sqnr_db[bits])
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from .loading import MIN_OPSET, ModelLike, default_opset, load_model, normalise
 from .measure import Comparison, compare
 from .quantizers import combine_sqnr_db
 from .rewrite import FORMAT_VERSION, rewrite
+from .mixed import packed_weight_bytes
+from .plots import histogram_summary
 
 
 def _finite(x):
@@ -60,6 +63,11 @@ class QuantResult:
     timings: Dict[str, float] = field(default_factory=dict)
     config: QuantConfig = field(default_factory=QuantConfig)
     opset: int = 0  # the output's default-domain opset (decides the weight containers)
+    #: mixed precision: what was allocated, predicted, measured and evaluated (None: uniform)
+    allocation: Optional[dict] = None
+    #: compact calibration histogram per activation tensor (for plots; report only)
+    histograms: Dict[str, dict] = field(default_factory=dict)
+    packed_weight_bytes: int = 0  # weights packed at their widths + int32 biases
 
     @property
     def measured_sqnr_db(self) -> Optional[float]:
@@ -67,6 +75,12 @@ class QuantResult:
 
     def decisions(self) -> dict:
         """The per-layer decisions, as stored in the model's metadata."""
+        d = self._decisions()
+        if self.allocation is not None:
+            d["allocation"] = _finite(self.allocation)
+        return d
+
+    def _decisions(self) -> dict:
         return _finite({
             "format": self.config.format,
             "format_version": FORMAT_VERSION,
@@ -85,7 +99,10 @@ class QuantResult:
         """Decisions plus measurements (output SQNR, sizes, timings) as a JSON-ready dict."""
         d = self.decisions()
         d["measured"] = _finite(self.comparison.to_dict()) if self.comparison else None
-        d["size_bytes"] = {"before": self.size_before, "after": self.size_after}
+        d["size_bytes"] = {"before": self.size_before, "after": self.size_after,
+                           "packed_weights": self.packed_weight_bytes}
+        if self.histograms:
+            d["histograms"] = _finite(self.histograms)
         d["timing_s"] = _finite(self.timings)
         return d
 
@@ -121,17 +138,28 @@ def raise_opset(model: onnx.ModelProto, opset: Optional[int]) -> onnx.ModelProto
 
 
 def save_model_atomic(model: onnx.ModelProto, path) -> None:
+    """Write ``model`` to ``path`` via a temporary file in the same folder and a rename.
+
+    An error or interrupt part-way leaves no output (and an older file at ``path`` intact).
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise MxqnError(f"{folder}: output folder does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise MxqnError(f"{folder}: output folder is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        what = "is not a folder" if folder.exists() else "does not exist; create it first"
+        raise MxqnError(f"{folder}: output folder {what}")
+    try:
+        # os.access() says yes to root even on read-only mounts: try the real thing instead
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise MxqnError(f"{folder}: cannot write to the output folder ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(model.SerializeToString())
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise MxqnError(f"{path}: cannot write the model ({exc.strerror or exc}); nothing was written") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -158,6 +186,68 @@ def _keep_float(layers, skipped, config: QuantConfig):
     return [l for i, l in enumerate(layers) if i not in drop], skipped
 
 
+def _mixed_precision(graph, layers, skipped, hists, n_samples, config: QuantConfig, fp32, source,
+                     kept, source_model, validation, progress: bool):
+    """Sensitivities, then allocation with verification (:mod:`mxqn_onnx.mixed`).
+
+    Candidate models are rewritten from copies of the normalised graph, which stays untouched
+    for the final rewrite.
+    """
+    from . import mixed
+    from .sensitivity import make_probe
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"mxqn-onnx: {msg}", file=sys.stderr)
+
+    def batches(limit: int):
+        return list(source.batches(min(limit, config.calib_count or limit))) if source.reiterable \
+            else _take(kept, limit)
+
+    opset = max(int(graph.opset), MIN_OPSET)
+    probe = make_probe(fp32, layers, hists, batches(config.probe_count), config, opset)
+
+    def build(bits):
+        g = graph.copy()
+        ls, _ = find_layers(g, config.exclude)
+        ls, _ = _keep_float(ls, [], config)
+        d, a = choose_all(ls, hists, config, bits)
+        meta = QuantResult(onnx.ModelProto(), d, a, skipped, 0.0, None, n_samples, 0, 0,
+                           config=config, opset=opset).decisions()
+        qm = rewrite(g, ls, d, a, source_model, meta, fmt=config.format)
+        return d, a, qm
+
+    def measure(built):
+        if not config.verify:
+            return None
+        return compare(source_model, built[-1], iter(batches(config.verify_count)))
+
+    evaluate = None
+    if validation is not None:
+        val = make_source(validation, input_specs(source_model), config.batch_size)
+        if val.labels is None:
+            raise MxqnError("the validation data has no labels (an array named 'labels'); "
+                            "accuracy cannot be measured")
+
+        def evaluate(built):
+            return compare(source_model, built[-1], val.batches(), val.labels)
+
+    elif config.max_accuracy_drop is not None:
+        raise MxqnError("max_accuracy_drop needs labelled validation data (--val FILE.npz with 'labels')")
+    return mixed.run(layers, hists, n_samples, config, probe, build, measure, evaluate, log)
+
+
+def _take(batches, limit: int):
+    """The first batches holding up to ``limit`` samples."""
+    out, n = [], 0
+    for b in batches:
+        if n >= limit:
+            break
+        out.append(b)
+        n += int(next(iter(b.values())).shape[0])
+    return out
+
+
 def quantize(
     model: ModelLike,
     calibration: CalibrationLike,
@@ -166,6 +256,7 @@ def quantize(
     progress: bool = False,
     preprocess: str = "none",
     image_size: Optional[Tuple[int, int]] = None,
+    validation: Optional[CalibrationLike] = None,
     **overrides,
 ) -> QuantResult:
     """Quantize an FP32 ONNX model with MXQN.
@@ -179,6 +270,8 @@ def quantize(
         progress: show a progress bar on stderr.
         preprocess: for image folders: ``none``, ``unit`` ([0, 1]) or ``imagenet``.
         image_size: (H, W) for image folders when the model's input size is dynamic.
+        validation: labelled data (an .npz with ``labels``, or a dict of arrays with
+            ``labels``) for ``max_accuracy_drop``.
     """
     t0 = time.perf_counter()
     if config is None:
@@ -203,19 +296,28 @@ def quantize(
 
     tensors = [l.data.name for l in layers]
     keep = 0 if source.reiterable else config.verify_count
+    if config.allocation_mode is not None and not source.reiterable:
+        keep = max(keep, config.probe_count)  # the sensitivity probe needs batches too
     channel_axes = {}
     if config.bias_correction:
         for layer in layers:
             axis = correction.input_channel_axis(layer)
             if axis is not None:
                 channel_axes[layer.data.name] = axis
-    hists, n_samples, kept = collect_histograms(fp32, tensors, source, config.calib_count,
-                                                progress, keep_batches=keep if config.verify else 0,
-                                                channel_axes=channel_axes)
-    del fp32
+    hists, n_samples, kept = collect_histograms(
+        fp32, tensors, source, config.calib_count, progress,
+        keep_batches=keep if (config.verify or config.allocation_mode is not None) else 0,
+        channel_axes=channel_axes)
     t_calib = time.perf_counter()
 
-    decisions, acts = choose_all(layers, hists, config)
+    outcome = None
+    if config.allocation_mode is not None:
+        outcome = _mixed_precision(graph, layers, skipped, hists, n_samples, config, fp32, source, kept,
+                                   source_model, validation, progress)
+    del fp32
+    t_mixed = time.perf_counter()
+
+    decisions, acts = choose_all(layers, hists, config, outcome.bits if outcome else None)
     terms = [d.weight.sqnr_db for d in decisions] + [a.sqnr_db for a in acts.values()]
     predicted = combine_sqnr_db(terms)
     t_choose = time.perf_counter()
@@ -225,6 +327,9 @@ def quantize(
         predicted_sqnr_db=predicted, comparison=None, calibration_samples=n_samples,
         size_before=source_model.ByteSize(), size_after=0, config=config,
         opset=max(int(graph.opset), MIN_OPSET),
+        allocation=outcome.record if outcome else None,
+        histograms={t: histogram_summary(h) for t, h in hists.items()},
+        packed_weight_bytes=packed_weight_bytes(layers, [d.weight.bits for d in decisions]),
     )
     qmodel = rewrite(graph, layers, decisions, acts, source_model, result.decisions(), fmt=config.format)
     try:
@@ -235,13 +340,16 @@ def quantize(
     result.size_after = qmodel.ByteSize()
     t_rewrite = time.perf_counter()
 
-    if config.verify:
+    if outcome is not None and outcome.comparison is not None:
+        result.comparison = outcome.comparison  # measured on this very model during allocation
+    elif config.verify:
         batches = source.batches(min(config.verify_count, config.calib_count or config.verify_count)) \
             if source.reiterable else iter(kept)
         result.comparison = compare(source_model, qmodel, batches)
     t_verify = time.perf_counter()
     result.timings = {
-        "load": t_load - t0, "calibrate": t_calib - t_load, "choose": t_choose - t_calib,
+        "load": t_load - t0, "calibrate": t_calib - t_load, "mixed_precision": t_mixed - t_calib,
+        "choose": t_choose - t_mixed,
         "rewrite": t_rewrite - t_choose, "convert_total": t_rewrite - t0, "verify": t_verify - t_rewrite,
     }
     return result

@@ -3,8 +3,10 @@ activations fixed point or log, bias int32."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -49,6 +51,8 @@ class ActDecision:
     E: Optional[int] = None
     min: float = 0.0
     max: float = 0.0
+    #: mean of Q(x) - x on the calibration data (used by bias correction)
+    mean_error: float = 0.0
 
     def describe(self) -> str:
         sign = "s" if self.signed else "u"
@@ -114,10 +118,13 @@ def choose_activation(hist: TensorHistogram, bits: int, mode: str, log_margin_db
     fx_db = fx.sqnr_db if fx else None
     lg_db = lg.sqnr_db if lg else None
     if use_log:
-        return ActDecision(kind="log", k=lg.k, E=lg.E, sqnr_db=lg.sqnr_db, sqnr_fixed_db=fx_db,
-                           sqnr_log_db=lg_db, **common)
-    return ActDecision(kind="fixed", frac=fx.frac, sqnr_db=fx.sqnr_db, sqnr_fixed_db=fx_db,
-                       sqnr_log_db=lg_db, **common)
+        dec = ActDecision(kind="log", k=lg.k, E=lg.E, sqnr_db=lg.sqnr_db, sqnr_fixed_db=fx_db,
+                          sqnr_log_db=lg_db, **common)
+    else:
+        dec = ActDecision(kind="fixed", frac=fx.frac, sqnr_db=fx.sqnr_db, sqnr_fixed_db=fx_db,
+                          sqnr_log_db=lg_db, **common)
+    dec.mean_error = Q.mean_error_binned(bins, dec.quantize)
+    return dec
 
 
 def choose_bias(b: np.ndarray, wdec: WeightDecision, act: ActDecision):
@@ -151,8 +158,9 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     """All decisions for one layer whose input quantizer is ``act``.
 
     With ``config.bias_correction`` and the input's per-channel means, the bias is corrected
-    for the mean shift of weight quantization (see :mod:`mxqn_onnx.correction`) before its
-    fractional length is chosen; the corrected values travel in ``LayerDecision.bias_values``.
+    for the mean output shift of weight and input quantization (see :mod:`mxqn_onnx.correction`)
+    before its fractional length is chosen; the corrected values travel in
+    ``LayerDecision.bias_values``.
     """
     w = layer.weight
     wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db)
@@ -164,7 +172,7 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
             out_axis = 0 if layer.op == "Conv" or int(layer.node.attrs.get("transB", 0)) else 1
             b = np.zeros(w.shape[out_axis], dtype=np.float32)
         wq = Q.fxp_quantize(w, wbits, wdec.frac_array(w.shape), True)
-        shift = correction.weight_error_shift(layer, w, wq, mean_in)
+        shift = correction.output_shift(layer, w, wq, mean_in, act.mean_error)
         if shift is not None:
             b = (b.astype(np.float64) - shift).astype(np.float32)
             dec.bias_values = b
@@ -178,24 +186,37 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     return dec
 
 
-def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: QuantConfig):
+def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: QuantConfig,
+               bits: Optional[Sequence[Tuple[int, int]]] = None):
     """Decisions for every layer; activation quantizers shared by tensor name.
 
+    ``bits`` gives each layer's ``(weight bits, activation bits)`` (mixed precision, see
+    :mod:`mxqn_onnx.mixed`); without it every layer gets ``wbits``/``abits``, and
     ``keep_first``/``keep_last`` layers get ``keep_bits`` (the float case is handled by the
     caller, which never passes them here). A tensor feeding several layers gets the highest
     of their activation bit widths.
     """
+    if bits is not None and len(bits) != len(layers):
+        raise ValueError(f"bits has {len(bits)} entries for {len(layers)} layers")
     bits_for: Dict[int, tuple] = {}
     for i, layer in enumerate(layers):
         keep = (config.keep_first and i == 0) or (config.keep_last and i == len(layers) - 1)
-        bits_for[i] = (config.keep_bits, config.keep_bits) if keep else (config.wbits, config.abits)
+        if bits is not None:
+            bits_for[i] = (int(bits[i][0]), int(bits[i][1]))
+        else:
+            bits_for[i] = (config.keep_bits, config.keep_bits) if keep else (config.wbits, config.abits)
     act_bits: Dict[str, int] = {}
     for i, layer in enumerate(layers):
         t = layer.data.name
         act_bits[t] = max(act_bits.get(t, 0), bits_for[i][1])
-    acts = {t: choose_activation(hists[t], b, config.act_quant, config.log_margin_db)
-            for t, b in act_bits.items()}
-    decisions = [decide_layer(layer, acts[layer.data.name], bits_for[i][0], config,
-                              hists[layer.data.name].channel_mean)
-                 for i, layer in enumerate(layers)]
+    # Tensors and layers are scored independently and numpy releases the GIL in the large
+    # array operations, so a thread per core shortens this step (map keeps the order).
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        acts = dict(zip(act_bits, pool.map(
+            lambda tb: choose_activation(hists[tb[0]], tb[1], config.act_quant, config.log_margin_db),
+            act_bits.items())))
+        decisions = list(pool.map(
+            lambda il: decide_layer(il[1], acts[il[1].data.name], bits_for[il[0]][0], config,
+                                    hists[il[1].data.name].channel_mean),
+            enumerate(layers)))
     return decisions, acts

@@ -6,13 +6,14 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 from rich.console import Console
 
 from . import __version__
-from .config import ACT_MODES, GRANULARITIES, QuantConfig
+from .config import ACT_MODES, FORMATS, GRANULARITIES, SENSITIVITIES, QuantConfig
 from .data import PREPROCESSING
 from .errors import MxqnError
 
@@ -56,12 +57,86 @@ def _add_convert(sub) -> None:
     q.add_argument("--keep-float", action="store_true", help="keep those layers in float instead")
     q.add_argument("--no-bias-correction", action="store_true",
                    help="do not correct biases for the mean shift caused by weight quantization")
+    _add_mixed_args(p)
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE", help="also write the report as JSON")
+    o.add_argument("--plot", metavar="DIR", help="write PNG plots (per-layer SQNR and bits, predicted vs "
+                                                 "measured output SQNR, activation histograms) to DIR; "
+                                                 "needs matplotlib (pip install 'mxqn-onnx[plot]')")
     o.add_argument("--no-verify", action="store_true",
                    help="skip running the quantized model to measure output SQNR")
     o.add_argument("--verify-count", type=int, default=256, help="samples for that measurement (default 256)")
     o.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    o.add_argument("--format", choices=FORMATS, default="mxqn",
+                   help="mxqn: Cast/Mul weights and FixedQuant/LogQuant nodes (default); qdq: standard "
+                        "QuantizeLinear/DequantizeLinear with scales 2^-f for fixed-point tensors "
+                        "(log activations stay custom nodes; with --act-quant fixed the model is all standard ONNX)")
+    o.add_argument("--opset", type=int, default=None, metavar="N",
+                   help="raise the output's opset to N (21+ stores <=4-bit weights as packed int4 "
+                        "and allows 16-bit QDQ)")
+
+
+def _bits_set(text: str) -> tuple:
+    """``2,4,8`` or ``2-8`` (or a mix: ``2-4,8``) as a tuple of widths."""
+    out = []
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of widths such as 2,4,8 or 2-8") from None
+    if not out:
+        raise argparse.ArgumentTypeError("empty bit set")
+    return tuple(out)
+
+
+def _add_mixed_args(p) -> None:
+    m = p.add_argument_group("mixed precision (per-layer widths from the SQNR noise model; see README)")
+    m.add_argument("--target-sqnr", type=float, metavar="DB",
+                   help="reach this output SQNR with the fewest bits; verified and refined on calibration data")
+    m.add_argument("--avg-wbits", type=float, metavar="B", help="budget: average weight bits per parameter")
+    m.add_argument("--avg-abits", type=float, metavar="B", help="budget: average activation bits per element")
+    m.add_argument("--max-size", type=float, metavar="MB",
+                   help="budget: packed weight storage in MB (weights at their widths + int32 biases)")
+    m.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                   help="smallest model whose top-1 on --val is within POINTS of FP32 (each try is evaluated)")
+    m.add_argument("--val", metavar="FILE", help="labelled validation data (.npz with 'labels') for --max-accuracy-drop")
+    m.add_argument("--bits-set", type=_bits_set, default=(2, 3, 4, 5, 6, 7, 8), metavar="LIST",
+                   help="widths a layer may get, e.g. 4,6,8 or 2-8 (default 2-8)")
+    m.add_argument("--sensitivity", choices=SENSITIVITIES, default="quantizer",
+                   help="how each layer's noise reaches the output: quantizer (measured with the real "
+                        "quantizers, one layer at a time; default), noise (Gaussian noise injection), "
+                        "none (plain 1/SQNR_out = sum 1/SQNR_i)")
+    m.add_argument("--refine", type=int, default=3, metavar="N",
+                   help="at most N re-allocations when the measured SQNR misses --target-sqnr (default 3)")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="print (and plot) the decisions of a converted model or a --report JSON")
+    p.add_argument("model", help="an mxqn .onnx model, or a JSON report written by convert --report")
+    p.add_argument("--plot", metavar="DIR", help="write the PNG plots to DIR (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no table")
+
+
+def cmd_report(args, console: Console, err: Console) -> int:
+    from .report import load_report, print_report
+
+    report, kind = load_report(args.model)
+    if not args.quiet:
+        print_report(report, console, title=f"mxqn-onnx: {args.model}")
+    if args.plot:
+        from .plots import write_plots
+
+        files = write_plots(report, args.plot)
+        console.print(f"wrote {len(files)} plots to {args.plot}", highlight=False)
+        if kind == "model":
+            console.print("note: a model's metadata holds no calibration histograms, so the histogram "
+                          "plots show the quantizer levels over the calibrated range only; plot the "
+                          "--report JSON of the conversion for the histograms", highlight=False)
+    return 0
 
 
 def _add_inspect(sub) -> None:
@@ -79,6 +154,42 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def _add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="run an mxqn model with the integer-only reference executor "
+                                        "and compare it with onnxruntime")
+    p.add_argument("model", help="a model written by mxqn-onnx convert (--format mxqn)")
+    p.add_argument("--data", required=True, help=".npz with the model inputs, or .npy")
+    p.add_argument("--count", type=int, default=64, help="samples to run (default 64)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def cmd_simulate(args, console: Console, err: Console) -> int:
+    from .simulate import simulate_file
+
+    if not Path(args.model).is_file():
+        raise MxqnError(f"{args.model}: no such file; give the path of an mxqn .onnx model")
+    rep = simulate_file(args.model, args.data, count=args.count, batch_size=args.batch_size)
+    if args.json:
+        console.print_json(json.dumps(rep))
+        return 0
+    console.print(f"samples: {rep['samples']}; {len(rep['layers_integer'])} layers run in integer arithmetic; "
+                  "each layer compared with onnxruntime on identical inputs", highlight=False)
+    for q in rep["quantizers"]:
+        console.print(f"  {q['node']}: {q['kind']} codes differing {q['mismatches']}/{q['elements']}, "
+                      f"max |diff| {q['max_code_diff']} step(s)", highlight=False, markup=False)
+    for o in rep["outputs"]:
+        steps = "n/a (float output)" if o["max_diff_steps"] is None else f"{o['max_diff_steps']:.3g} step(s)"
+        agree = o["free_running_top1_agreement"]
+        console.print(f"  output {o['name']}: max |diff| {o['max_abs_diff']:.3g} = {steps}; free-running: "
+                      f"SQNR vs onnxruntime {o['free_running_sqnr_db']:.1f} dB"
+                      + (f", top-1 agreement {100 * agree:.2f}%" if agree is not None else ""),
+                      highlight=False, markup=False)
+    console.print("within one step everywhere" if rep["within_one_step"] else
+                  "DIFFERS by more than one step somewhere (see above)", highlight=False)
+    return 0 if rep["within_one_step"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mxqn-onnx", description="MXQN post-training quantization of ONNX CNNs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -86,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_inspect(sub)
     _add_evaluate(sub)
+    _add_report(sub)
+    _add_simulate(sub)
     return parser
 
 
@@ -97,9 +210,28 @@ def _check_output_path(inp: str, out: str, what: str = "output") -> None:
         raise MxqnError(f"{what} path {out} is a folder; give a file name")
     folder = out_p.parent if str(out_p.parent) else Path(".")
     if not folder.is_dir():
+        if folder.exists():
+            raise MxqnError(f"{what} folder {folder} is not a folder; give a path inside a folder")
         raise MxqnError(f"{what} folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise MxqnError(f"{what} folder {folder} is not writable")
+    # try a real file before the (long) conversion: os.access() says yes to root even
+    # where nothing can be written (read-only mounts, /proc)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mxqn-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MxqnError(f"{what} folder {folder} is not writable ({exc.strerror or exc})") from None
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    """Write a text file via a temporary file and a rename; errors become one line."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MxqnError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
 
 
 def cmd_convert(args, console: Console, err: Console) -> int:
@@ -110,6 +242,10 @@ def cmd_convert(args, console: Console, err: Console) -> int:
     _check_output_path(args.input, args.output)
     if args.report:
         _check_output_path(args.input, args.report, "report")
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()  # fail before the conversion, not after it
     config = QuantConfig(
         wbits=args.wbits, abits=args.abits, weight_granularity=args.weight_granularity,
         act_quant=args.act_quant, log_margin_db=args.log_margin, exclude=tuple(args.exclude),
@@ -117,7 +253,13 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         keep_bits=args.keep_bits, calib_count=args.calib_count, batch_size=args.batch_size,
         verify=not args.no_verify, verify_count=args.verify_count,
         bias_correction=not args.no_bias_correction,
+        format=args.format, opset=args.opset,
+        target_sqnr_db=args.target_sqnr, avg_wbits=args.avg_wbits, avg_abits=args.avg_abits,
+        max_size_mb=args.max_size, max_accuracy_drop=args.max_accuracy_drop, bits_set=args.bits_set,
+        sensitivity=args.sensitivity, refine_steps=args.refine,
     ).validate()
+    if args.max_accuracy_drop is not None and not args.val:
+        raise MxqnError("--max-accuracy-drop needs labelled validation data: --val FILE.npz (with 'labels')")
     if args.calib is None:
         raise MxqnError("no calibration data; give --calib FILE|FOLDER (or --calib random for a smoke test)")
     if args.calib == "random":
@@ -125,7 +267,8 @@ def cmd_convert(args, console: Console, err: Console) -> int:
                   "below are meaningless for real inputs; use real samples for a model you deploy.[/]")
     result = quantize(args.input, args.calib, config, progress=not args.quiet,
                       preprocess=args.preprocess,
-                      image_size=tuple(args.image_size) if args.image_size else None)
+                      image_size=tuple(args.image_size) if args.image_size else None,
+                      validation=args.val)
     report = result.report()
     if not args.quiet:
         from .report import print_report
@@ -133,10 +276,13 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         print_report(report, console, title=f"mxqn-onnx: {args.input}")
     save_model_atomic(result.model, args.output)
     if args.report:
-        tmp = Path(args.report).with_name(f".{Path(args.report).name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, args.report)
+        _write_text_atomic(args.report, json.dumps(report, indent=2, sort_keys=True) + "\n")
     console.print(f"wrote {args.output}", highlight=False)
+    if args.plot:
+        from .plots import write_plots
+
+        files = write_plots(report, args.plot)
+        console.print(f"wrote {len(files)} plots to {args.plot}", highlight=False)
     return 0
 
 
@@ -188,7 +334,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     err = Console(stderr=True)
-    handler = {"convert": cmd_convert, "inspect": cmd_inspect, "evaluate": cmd_evaluate}[args.command]
+    handler = {"convert": cmd_convert, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "report": cmd_report,
+               "simulate": cmd_simulate}[args.command]
     try:
         return handler(args, console, err)
     except MxqnError as exc:

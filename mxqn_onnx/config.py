@@ -11,6 +11,7 @@ GRANULARITIES = ("auto", "tensor", "channel")
 ACT_MODES = ("auto", "fixed", "log")
 FORMATS = ("mxqn", "qdq")
 MIN_BITS, MAX_BITS = 2, 16
+SENSITIVITIES = ("quantizer", "noise", "none")
 
 
 @dataclass
@@ -39,6 +40,22 @@ class QuantConfig:
             (standard QuantizeLinear/DequantizeLinear with scales 2^-f where expressible).
         opset: raise the output's default-domain opset to this (None: keep the model's, at
             least 13). Opset 21 allows packed int4 weights and 16-bit QDQ.
+
+    Mixed precision (any of these turns it on; see :mod:`mxqn_onnx.mixed`):
+        target_sqnr_db: output SQNR to reach with the fewest bits (weights + activations).
+        avg_wbits / avg_abits: budgets: average weight bits per parameter / activation bits
+            per element; the highest predicted SQNR within them. A group without a budget
+            (and no target) stays at ``wbits``/``abits``.
+        max_size_mb: weight budget as packed storage in MB (weights at their widths + int32
+            biases of the quantized layers).
+        max_accuracy_drop: with labelled validation data, the smallest model whose top-1 is
+            within this many points of FP32.
+        bits_set: the widths a layer may get.
+        sensitivity: how much each layer's noise reaches the output: ``quantizer`` (measured
+            with the real quantizers, one layer at a time), ``noise`` (Gaussian noise
+            injection) or ``none`` (every layer 1). See :mod:`mxqn_onnx.sensitivity`.
+        probe_count / probe_sqnr_db: samples for the probe; the ``noise`` probe's level.
+        refine_steps: at most this many re-allocations when the measured SQNR misses.
     """
 
     wbits: int = 8
@@ -59,6 +76,16 @@ class QuantConfig:
     bias_correction: bool = True
     format: str = "mxqn"
     opset: Optional[int] = None
+    target_sqnr_db: Optional[float] = None
+    avg_wbits: Optional[float] = None
+    avg_abits: Optional[float] = None
+    max_size_mb: Optional[float] = None
+    max_accuracy_drop: Optional[float] = None
+    bits_set: Tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    sensitivity: str = "quantizer"
+    probe_count: int = 64
+    probe_sqnr_db: float = 30.0
+    refine_steps: int = 3
 
     def validate(self) -> "QuantConfig":
         """Check every field; raise :class:`MxqnError` naming the first bad one."""
@@ -94,11 +121,73 @@ class QuantConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise MxqnError(f"{name} must be a positive integer, got {v!r}")
+        self._validate_mixed()
         return self
+
+    def _validate_mixed(self) -> None:
+        """The mixed-precision fields (see the class docstring)."""
+        try:
+            bits = tuple(sorted(set(int(b) for b in self.bits_set)))
+        except (TypeError, ValueError):
+            raise MxqnError(f"bits_set must be integers from {MIN_BITS} to {MAX_BITS}, got {self.bits_set!r}") from None
+        if not bits or any(isinstance(b, bool) or not MIN_BITS <= b <= MAX_BITS for b in bits) \
+                or any(float(b) != int(b) for b in self.bits_set):
+            raise MxqnError(f"bits_set must be integers from {MIN_BITS} to {MAX_BITS}, got {self.bits_set!r}")
+        self.bits_set = bits
+        for name in ("target_sqnr_db", "avg_wbits", "avg_abits", "max_size_mb", "max_accuracy_drop",
+                     "probe_sqnr_db"):
+            v = getattr(self, name)
+            if v is None and name != "probe_sqnr_db":
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
+                raise MxqnError(f"{name} must be a finite number, got {v!r}")
+        for name in ("avg_wbits", "avg_abits"):
+            v = getattr(self, name)
+            if v is not None and not bits[0] <= v <= MAX_BITS:
+                raise MxqnError(f"{name} must be from the smallest allowed width ({bits[0]}) to "
+                                f"{MAX_BITS}, got {v!r}")
+        if self.max_size_mb is not None and self.max_size_mb <= 0:
+            raise MxqnError(f"max_size_mb must be positive, got {self.max_size_mb!r}")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise MxqnError(f"max_accuracy_drop must be >= 0 points, got {self.max_accuracy_drop!r}")
+        if self.max_accuracy_drop is not None and self.target_sqnr_db is not None:
+            raise MxqnError("give either target_sqnr_db or max_accuracy_drop, not both")
+        if self.sensitivity not in SENSITIVITIES:
+            raise MxqnError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {self.sensitivity!r}")
+        for name in ("probe_count",):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise MxqnError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
+            raise MxqnError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
+
+    @property
+    def allocates_weights(self) -> bool:
+        """Weight widths are chosen per layer (a target, or a weight budget)."""
+        return (self.target_sqnr_db is not None or self.max_accuracy_drop is not None
+                or self.avg_wbits is not None or self.max_size_mb is not None)
+
+    @property
+    def allocates_activations(self) -> bool:
+        """Activation widths are chosen per tensor (a target, or an activation budget)."""
+        return (self.target_sqnr_db is not None or self.max_accuracy_drop is not None
+                or self.avg_abits is not None)
+
+    @property
+    def allocation_mode(self) -> Optional[str]:
+        """``target``, ``accuracy``, ``budget`` or None (uniform widths)."""
+        if self.max_accuracy_drop is not None:
+            return "accuracy"
+        if self.target_sqnr_db is not None:
+            return "target"
+        if self.allocates_weights or self.allocates_activations:
+            return "budget"
+        return None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["exclude"] = list(self.exclude)
+        d["bits_set"] = list(self.bits_set)
         return d
 
     @classmethod

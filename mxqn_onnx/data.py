@@ -82,6 +82,13 @@ def check_feed(feed: Feed, specs: Sequence[InputSpec], where: str) -> Feed:
             raise MxqnError(
                 f"{where}: input '{s.name}' has shape {list(a.shape)}, the model expects {s.describe()}"
             )
+        if np.issubdtype(a.dtype, np.floating):
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                # caught here, it names the data; caught later it would name some inner tensor
+                raise MxqnError(
+                    f"{where}: input '{s.name}' holds {bad} NaN or Inf value(s); clean the data first"
+                )
         out[s.name] = np.ascontiguousarray(a)
     return out
 
@@ -329,7 +336,18 @@ def make_source(
     image_size: Optional[Tuple[int, int]] = None,
     random_count: Optional[int] = None,
 ) -> DataSource:
-    """Turn what the user gave into a :class:`DataSource` for the model's inputs."""
+    """Turn what the user gave into a :class:`DataSource` for the model's inputs.
+
+    Sources that can be read twice are checked on their first batch here, so data that
+    does not fit the model is reported before any work starts.
+    """
+    source = _dispatch(data, specs, batch_size, preprocess, image_size, random_count)
+    if source.reiterable:
+        next(source.batches(1), None)  # raises MxqnError on a mismatch or an empty set
+    return source
+
+
+def _dispatch(data, specs, batch_size, preprocess, image_size, random_count) -> DataSource:
     if data is None:
         raise MxqnError(
             "no calibration data; give --calib FILE|FOLDER (or --calib random for a smoke test)"

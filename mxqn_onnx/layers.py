@@ -111,14 +111,43 @@ def _inspect(node: gs.Node) -> Tuple[Optional[Layer], Optional[str]]:
     return None, "not a layer op"
 
 
+def _subgraphs(node: gs.Node) -> List[gs.Graph]:
+    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    found: List[gs.Graph] = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, gs.Graph))
+    return found
+
+
+def _subgraph_layers(node: gs.Node, where: str) -> List[Skipped]:
+    """Layer-type nodes inside ``node``'s subgraphs: they stay float and are reported."""
+    out: List[Skipped] = []
+    for sub in _subgraphs(node):
+        for i, inner in enumerate(sub.nodes):
+            label = inner.name or f"{sub.name or 'subgraph'}/{inner.op}_{i}"
+            if inner.op in LAYER_OPS:
+                out.append(Skipped(label, inner.op, f"inside the subgraph of {where}; subgraphs stay float"))
+            out.extend(_subgraph_layers(inner, where))
+    return out
+
+
 def find_layers(
     graph: gs.Graph,
     exclude: Sequence[str] = (),
 ) -> Tuple[List[Layer], List[Skipped]]:
-    """Quantizable layers in topological order, and the layer-type nodes left in float."""
+    """Quantizable layers in topological order, and the layer-type nodes left in float.
+
+    Only the main graph is quantized; layers inside If/Loop/Scan subgraphs are listed as
+    left in float (control flow bodies are rare in CNNs and their tensors cannot be
+    observed as graph outputs during calibration).
+    """
     layers: List[Layer] = []
     skipped: List[Skipped] = []
     for node in graph.nodes:
+        skipped.extend(_subgraph_layers(node, f"{node.op} node '{node.name}'"))
         if node.op not in LAYER_OPS:
             continue
         if any(fnmatch.fnmatchcase(node.name, pat) for pat in exclude):

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from .errors import MxqnError
+from .functions import DOMAIN as MXQN_DOMAIN
 
 METADATA_KEY = "mxqn"
 #: The quantizer functions need Constant's value_int (opset 13 in practice, as that is the
@@ -26,6 +27,9 @@ MIN_OPSET = 13
 UPGRADE_OPSET = 13
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+#: ops that only appear in models some quantizer already processed
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                           "QLinearMatMul", "ConvInteger", "MatMulInteger"})
 
 
 def load_model(src: ModelLike) -> onnx.ModelProto:
@@ -42,7 +46,8 @@ def load_model(src: ModelLike) -> onnx.ModelProto:
             raise MxqnError(f"{path}: not a file; give the path of an .onnx model")
         try:
             model = onnx.load(str(path), load_external_data=True)
-        except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        except (DecodeError, RuntimeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
+            # ValidationError: a tensor's external data file is missing or not a file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise MxqnError(f"{path}: not a readable ONNX model ({first})") from None
     check_quantizable(model, label)
@@ -67,6 +72,14 @@ def check_quantizable(model: onnx.ModelProto, label: str) -> None:
         raise MxqnError(f"{label}: the ONNX graph is empty; export the model again")
     if is_mxqn_model(model):
         raise MxqnError(f"{label}: already quantized by mxqn-onnx; convert the FP32 model instead")
+    # the metadata may have been stripped by another tool; the graph still tells
+    if any(n.domain == MXQN_DOMAIN for n in model.graph.node):
+        raise MxqnError(f"{label}: already quantized by mxqn-onnx (it has {MXQN_DOMAIN} quantizer nodes); "
+                        "convert the FP32 model instead")
+    q_op = next((n.op_type for n in model.graph.node
+                 if n.op_type in QUANTIZED_OPS and n.domain in ("", "ai.onnx")), None)
+    if q_op:
+        raise MxqnError(f"{label}: already quantized (it has {q_op} nodes); convert the FP32 model instead")
     for vi in model.graph.input:
         et = vi.type.tensor_type.elem_type
         if et == onnx.TensorProto.FLOAT16 or et == onnx.TensorProto.BFLOAT16:
@@ -76,6 +89,12 @@ def check_quantizable(model: onnx.ModelProto, label: str) -> None:
             )
     if default_opset(model) == 0:
         raise MxqnError(f"{label}: the model imports no default-domain opset; it is not a valid ONNX model")
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise MxqnError(
+            f"{label}: weight '{external[0]}' is stored in an external data file that was not loaded; "
+            "pass the model's path, or load it with onnx.load(path, load_external_data=True)"
+        )
 
 
 def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:

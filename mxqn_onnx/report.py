@@ -70,9 +70,65 @@ def summary_lines(report: dict) -> list:
     if size:
         lines.append(f"model size: {size['before'] / 1e6:.3f} MB -> {size['after'] / 1e6:.3f} MB "
                      f"({size['after'] / max(size['before'], 1):.2f}x)")
+    if size and size.get("packed_weights"):
+        lines.append(f"packed weight storage (weights at their widths + int32 biases): "
+                     f"{size['packed_weights'] / 1e6:.4f} MB")
     for s in report["float_layers"]:
         lines.append(f"left in float: {s['name']} ({s['op']}): {s['reason']}")
+    lines.extend(allocation_lines(report.get("allocation")))
     return lines
+
+
+def allocation_lines(alloc: Optional[dict]) -> list:
+    """Mixed precision: each round's predicted vs measured SQNR, each evaluation, the outcome."""
+    if not alloc:
+        return []
+    b = alloc.get("budgets") or {}
+    limits = ", ".join(f"{k} {v}" for k, v in b.items() if v is not None)
+    lines = [f"mixed precision ({alloc['mode']}): widths from {alloc['bits_set']}"
+             + (f", target {alloc['target_sqnr_db']} dB" if alloc.get("target_sqnr_db") is not None else "")
+             + (f", budgets: {limits}" if limits else "")
+             + f"; sensitivity: {alloc['sensitivity']} (round predictions weight each term by it;"
+             " the line above weights all terms equally)"]
+    for r in alloc.get("rounds") or []:
+        lines.append(f"  round {r.get('round', 0)}: predicted {_db(r['predicted_db'])} dB"
+                     f" (x{r['noise_correction']:.3g} correction: {_db(r['predicted_corrected_db'])} dB),"
+                     f" measured {_db(r['measured_db']) if r['measured_db'] is not None else '-'} dB;"
+                     f" avg W {r['avg_wbits']:.2f} / A {r['avg_abits']:.2f} bits,"
+                     f" packed weights {r['packed_weight_bytes'] / 1e3:.1f} kB")
+    for i, e in enumerate(alloc.get("evaluations") or []):
+        lines.append(f"  evaluation {i + 1}: candidate {e['candidate'] + 1}/{e['of']} (target {e['target_db']:.0f} dB,"
+                     f" predicted {_db(e['predicted_db'])} dB, avg W {e['avg_wbits']:.2f} / A {e['avg_abits']:.2f}):"
+                     f" top-1 {100 * e['top1_quant']:.2f}% vs FP32 {100 * e['top1_fp32']:.2f}%"
+                     f" (drop {e['drop_points']:.2f} points) {'pass' if e['passes'] else 'fail'}")
+    for n in alloc.get("notes") or []:
+        lines.append(f"  note: {n}")
+    if alloc.get("result"):
+        lines.append(f"  result: {alloc['result']}")
+    return lines
+
+
+def load_report(path) -> tuple:
+    """``(report, kind)`` from an mxqn model's metadata (``model``) or a JSON report (``json``)."""
+    import json
+    from pathlib import Path
+
+    from .errors import MxqnError
+
+    p = Path(path)
+    if not p.is_file():
+        raise MxqnError(f"{path}: no such file; give an mxqn .onnx model or a JSON report")
+    if p.suffix.lower() == ".json":
+        try:
+            return json.loads(p.read_text()), "json"
+        except ValueError as exc:
+            raise MxqnError(f"{path}: not a JSON report ({exc})") from None
+    from .inspection import inspect_model
+
+    info = inspect_model(p)
+    if info["kind"] != "mxqn":
+        raise MxqnError(f"{path}: not a model converted by mxqn-onnx (no decisions in its metadata)")
+    return info["decisions"], "model"
 
 
 def print_report(report: dict, console: Optional[Console] = None, title: Optional[str] = None) -> None:

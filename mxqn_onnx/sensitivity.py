@@ -1,6 +1,22 @@
 """How much of one tensor's quantization noise reaches the model's output.
 
-Method (noise injection, on the FP32 graph): one *probe model* is built once, in which every
+Two methods, both on the FP32 graph with the calibration data:
+
+**Real quantizers** (``sensitivity="quantizer"``, the default): a probe model in which each
+weight is ``W + a * (Q(W) - W)`` and each quantized layer's data input
+``x + a * (Q(x) - x)``, ``Q`` being the quantizer the converter would choose at the probed
+width and ``a`` a scalar input per unit. With one unit's ``a = 1`` the run measures the
+output noise that unit's real quantization causes; divided by that unit's own
+noise-to-signal ratio (the same SQNR table the allocator uses) it gives the sensitivity.
+This keeps what Gaussian noise loses: quantization error at low widths is correlated with
+the signal and across neighbouring elements (dead zone, clipping, smooth feature maps), and
+such error adds up coherently in the next convolution. Because that depends strongly on the
+width (a 2-bit quantizer is not a small perturbation), every unit is probed at every
+candidate width: the sensitivity is a table ``s_i(b)``, and the allocator's model is
+``1/SQNR_out = sum_i s_i(b_i) / SQNR_i(b_i)``, i.e. each unit's measured output noise at
+each width. Cost: one probe session per width and one run per unit, width and batch.
+
+**Noise injection** (``sensitivity="noise"``, cheaper, width-independent): one *probe model* is built once, in which every
 quantized layer's weight ``W`` becomes ``W + a_W * RandomNormalLike(W)`` and every quantized
 layer's data input ``x`` becomes ``x + a_x * RandomNormalLike(x)``, each ``a`` being a scalar
 graph input. With all ``a = 0`` the probe computes exactly the FP32 model. For each unit in
@@ -20,7 +36,7 @@ refinement corrects.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -142,3 +158,136 @@ def probe_sensitivities(fp32: onnx.ModelProto, layers: Sequence[Layer],
                          for g, r in zip(got, ref))
         out[key] = (noise / signal) / (rel * rel)
     return out
+
+
+# --------------------------------------------------------------------------- real-quantizer probe
+
+
+def build_error_probe(fp32: onnx.ModelProto, layers: Sequence[Layer]) -> Tuple[onnx.ModelProto, Dict[UnitKey, str]]:
+    """Probe model taking an additive error per unit: ``W + e_W`` and ``x + e_x``.
+
+    Each ``e`` is a graph input backed by a scalar zero initializer, so a run feeds only the
+    error of the unit being probed and every other unit stays exactly FP32.
+    """
+    model = onnx.ModelProto.FromString(fp32.SerializeToString())
+    g = model.graph
+    by_name = {n.name: n for n in g.node}
+    errs: Dict[UnitKey, str] = {}
+    new_nodes: List[onnx.NodeProto] = []
+
+    def add_error(src: str, key: UnitKey) -> str:
+        p = f"{_PREFIX}_{len(errs)}"
+        errs[key] = p + "_e"
+        g.input.append(onnx.ValueInfoProto(name=p + "_e", type=helper.make_tensor_type_proto(
+            onnx.TensorProto.FLOAT, None)))
+        g.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), p + "_e"))
+        new_nodes.append(helper.make_node("Add", [src, p + "_e"], [p + "_out"], name=p + "_add"))
+        return p + "_out"
+
+    act_out: Dict[str, str] = {}
+    for layer in layers:
+        node = by_name[layer.name]
+        node.input[layer.weight_index] = add_error(node.input[layer.weight_index], ("weight", layer.name))
+        t = node.input[layer.data_index]
+        if t not in act_out:
+            act_out[t] = add_error(t, ("act", t))
+        node.input[layer.data_index] = act_out[t]
+    g.node.extend(new_nodes)
+    _toposort(g)
+    model.ir_version = max(model.ir_version, 4)  # initializers as overridable input defaults
+    return model, errs
+
+
+def probe_quantizers(fp32: onnx.ModelProto, layers: Sequence[Layer], batches: Sequence[Feed],
+                     weight_error: Dict[str, np.ndarray], act_quant: Dict[str, object],
+                     unit_noise: Dict[UnitKey, float], only: Optional[set] = None) -> Dict[UnitKey, float]:
+    """Sensitivity of every unit, quantizing one unit at a time with its real quantizer.
+
+    The activation errors ``Q(x) - x`` are computed in numpy from the FP32 activations
+    (:meth:`ActDecision.quantize` is bit-exact with the quantizer ops), so the probe runs no
+    quantizer op. ``unit_noise`` is each unit's own noise-to-signal ratio under its quantizer
+    (1/SQNR_i); the sensitivity is the output's noise-to-signal ratio divided by it.
+    ``only`` restricts the runs to those units.
+    """
+    model, errs = build_error_probe(fp32, layers)
+    session = make_session(model)
+    outputs = [o.name for o in session.get_outputs()]
+    tensors = [t for t in act_quant if t not in batches[0]] if batches else []
+    ref_session = make_session(fp32, tensors)
+    ref_names = outputs + tensors
+    refs, act_err = [], []
+    for feed in batches:
+        got = ref_session.run(ref_names, feed)
+        refs.append(got[:len(outputs)])
+        values = dict(zip(tensors, got[len(outputs):]))
+        values.update({k: v for k, v in feed.items() if k in act_quant})
+        act_err.append({t: (act_quant[t].quantize(values[t]) - values[t]).astype(np.float32) for t in act_quant})
+    signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for ref in refs for r in ref)
+    out: Dict[UnitKey, float] = {}
+    for key, err_name in errs.items():
+        if only is not None and key not in only:
+            continue
+        own = unit_noise.get(key, 0.0)
+        if own <= 0 or signal == 0:
+            out[key] = 1.0  # a noise-free unit: its sensitivity never matters
+            continue
+        kind, name = key
+        noise = 0.0
+        for i, (feed, ref) in enumerate(zip(batches, refs)):
+            e = weight_error[name] if kind == "weight" else act_err[i][name]
+            got = session.run(outputs, {**feed, err_name: np.asarray(e, np.float32)})
+            noise += sum(float(np.sum((np.asarray(q, np.float64) - np.asarray(r, np.float64)) ** 2))
+                         for q, r in zip(got, ref))
+        out[key] = (noise / signal) / own
+    return out
+
+
+def make_probe(fp32: onnx.ModelProto, layers: Sequence[Layer], hists: Dict[str, TensorHistogram],
+               batches: Sequence[Feed], config, opset: int):
+    """The ``probe({unit: widths}) -> {unit: {width: sensitivity}}`` of :func:`mxqn_onnx.mixed.run`.
+
+    ``config.sensitivity``: ``quantizer`` measures every unit at every one of its candidate
+    widths with the real quantizer (one probe model per width, one run per unit, width and
+    batch); ``noise`` injects Gaussian noise once and uses that for every width; ``none``
+    returns None.
+    """
+    from . import quantizers as Q
+    from .allocate import db_to_noise
+    from .choose import choose_activation, choose_weight
+
+    if config.sensitivity == "none":
+        return None
+    if config.sensitivity == "noise":
+        def noise_probe(unit_widths):
+            s = probe_sensitivities(fp32, layers, hists, batches, config.probe_sqnr_db)
+            return {k: {b: s.get(k, 1.0) for b in ws} for k, ws in unit_widths.items()}
+
+        return noise_probe
+
+    def quant_probe(unit_widths):
+        out: Dict[UnitKey, Dict[int, float]] = {k: {} for k in unit_widths}
+        all_widths = sorted({b for ws in unit_widths.values() for b in ws})
+        for width in all_widths:
+            # units that have this width to measure; the others sit at any width they have
+            # (their perturbation stays switched off)
+            todo = {k for k, ws in unit_widths.items() if width in ws}
+            pick = {k: (width if width in ws else ws[0]) for k, ws in unit_widths.items()}
+            werr: Dict[str, np.ndarray] = {}
+            acts: Dict[str, object] = {}
+            own: Dict[UnitKey, float] = {}
+            for layer in layers:
+                w = layer.weight
+                wd = choose_weight(w, pick[("weight", layer.name)], config.weight_granularity,
+                                   layer.channel_axis, config.channel_gain_db)
+                werr[layer.name] = Q.fxp_quantize(w, wd.bits, wd.frac_array(w.shape), True) - w
+                own[("weight", layer.name)] = db_to_noise(wd.sqnr_db)
+                t = layer.data.name
+                if t not in acts:
+                    acts[t] = choose_activation(hists[t], pick[("act", t)], config.act_quant, config.log_margin_db)
+                    own[("act", t)] = db_to_noise(acts[t].sqnr_db)
+            sens = probe_quantizers(fp32, layers, batches, werr, acts, own, only=todo)
+            for k in todo:
+                out[k][width] = sens[k]
+        return out
+
+    return quant_probe

@@ -74,7 +74,7 @@ VGG_CFG = {
 
 
 class VGG(nn.Module):
-    """CIFAR-style VGG: 3x3 conv+BN+ReLU stacks, five max-pools (32 -> 1), two linear layers.
+    """CIFAR-style VGG: 3x3 conv+BN+ReLU stacks, five max-pools (32 -> 1), three linear layers.
 
     Widths are ``base * (1, 2, 4, 8, 8)``; the paper's VGG has ``base = 64``.
     """
@@ -94,7 +94,8 @@ class VGG(nn.Module):
                 c = base * v
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)  # 1x1 already at 32x32; keeps other sizes working
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c), nn.ReLU(),
+                                        nn.Linear(c, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))

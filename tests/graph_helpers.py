@@ -1,0 +1,114 @@
+"""Shared helpers of the real-graph, model-variant, bad-input and fuzz tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+DATA = ROOT_DIR / "tests" / "data"
+NETS = DATA / "nets"
+LIGHT = Path(onnx.__file__).resolve().parent / "backend" / "test" / "data" / "light"
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """10 log10(sum ref^2 / sum (ref - got)^2), +inf when identical."""
+    r = np.asarray(ref, np.float64)
+    noise = float(np.sum((r - np.asarray(got, np.float64)) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(r * r) / noise))
+
+
+def session(model, extra_outputs: Sequence[str] = ()) -> ort.InferenceSession:
+    """A CPU session on a path or ModelProto, optionally exposing intermediate tensors."""
+    if extra_outputs:
+        model = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        have = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in have)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def photos(names: Iterable[str], size: int = 224) -> np.ndarray:
+    """Real photographs shipped with scikit-image, resized and ImageNet-normalised, NCHW."""
+    import skimage.data
+    from PIL import Image
+
+    out = []
+    for name in names:
+        im = Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((size, size), Image.BILINEAR)
+        out.append(((np.asarray(im, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+def digits(scale: int = 2) -> np.ndarray:
+    """scikit-learn digits in [0, 1], upscaled by pixel repetition: [N, 1, 8*scale, 8*scale].
+
+    The same preprocessing as ``scripts/export_test_nets.py`` used for training.
+    """
+    from sklearn.datasets import load_digits
+
+    x = (load_digits().images.astype(np.float32) / 16.0).repeat(scale, axis=1).repeat(scale, axis=2)
+    return np.ascontiguousarray(x[:, None])
+
+
+def run_both(fp32, quant, feeds: List[Dict[str, np.ndarray]], extra: Sequence[str] = ()):
+    """Outputs (and ``extra`` tensors) of both models per feed: lists of lists of arrays."""
+    fs, qs = session(fp32, extra), session(quant, extra)
+    names = [o.name for o in fs.get_outputs()]
+    return ([fs.run(names, f) for f in feeds], [qs.run(names, f) for f in feeds], names)
+
+
+def stacked_sqnr(ref_runs, got_runs, index: int) -> float:
+    """SQNR of output ``index`` over all runs together."""
+    ref = np.concatenate([np.ravel(r[index]) for r in ref_runs])
+    got = np.concatenate([np.ravel(g[index]) for g in got_runs])
+    return sqnr_db(ref, got)
+
+
+def small_cnn(opset: int = 13, seed: int = 0, batch="N") -> onnx.ModelProto:
+    """Conv-Relu-MaxPool-Conv-GlobalAveragePool-Flatten-Gemm on x[N,3,8,8] -> y[N,5]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def w(name, shape, scale=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "small_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])],
+        [w("w1", (8, 3, 3, 3)), w("b1", (8,), 0.1), w("w2", (8, 8, 3, 3), 0.2), w("b2", (8,), 0.1),
+         w("w3", (5, 8)), w("b3", (5,), 0.1)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def cnn_inputs(n: int = 32, seed: int = 1) -> np.ndarray:
+    """Smooth random images for :func:`small_cnn` (a blurred noise field, like real images)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3, 10, 10)).astype(np.float32)
+    x = (x[:, :, :-2, :-2] + x[:, :, 1:-1, 1:-1] + x[:, :, 2:, 2:]) / 3.0
+    return np.ascontiguousarray(x, dtype=np.float32)
