@@ -92,12 +92,19 @@ def _channels_first(w: np.ndarray, axis: int) -> np.ndarray:
 
 
 def choose_weight(w: np.ndarray, bits: int, granularity: str, axis: Optional[int],
-                  channel_gain_db: float) -> WeightDecision:
-    """Fixed point for a weight tensor, per tensor or per output channel by SQNR."""
-    tensor = Q.best_fxp_tensor(w, bits, signed=True)
+                  channel_gain_db: float, clip: bool = False) -> WeightDecision:
+    """Fixed point for a weight tensor, per tensor or per output channel by SQNR.
+
+    Without ``clip`` the fractional length never clips a weight: the search stops at the
+    no-overflow length. Clipping the largest weights maximises the weight tensor's own SQNR
+    but, measured on the zoo at 4 bits, costs up to 10 dB of output SQNR (the clipped
+    weights are the ones that matter most, and the error they get is systematic).
+    """
+    above = Q.FXP_SEARCH_ABOVE if clip else 0
+    tensor = Q.best_fxp_tensor(w, bits, signed=True, above=above)
     if axis is None or granularity == "tensor" or w.ndim == 0:
         return WeightDecision(bits, "tensor", tensor.frac, None, tensor.sqnr_db, tensor.sqnr_db, None)
-    fracs, ch_sqnr = Q.best_fxp_channels(_channels_first(w, axis), bits, signed=True)
+    fracs, ch_sqnr = Q.best_fxp_channels(_channels_first(w, axis), bits, signed=True, above=above)
     if granularity == "channel" or ch_sqnr > tensor.sqnr_db + channel_gain_db:
         return WeightDecision(bits, "channel", [int(f) for f in fracs], axis, ch_sqnr, tensor.sqnr_db, ch_sqnr)
     return WeightDecision(bits, "tensor", tensor.frac, None, tensor.sqnr_db, tensor.sqnr_db, ch_sqnr)
@@ -163,7 +170,8 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     ``LayerDecision.bias_values``.
     """
     w = layer.weight
-    wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db)
+    wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db,
+                         config.weight_clip)
     dec = LayerDecision(layer.name, layer.op, int(w.size), wdec, act)
     b = layer.bias
     can_add_bias = layer.bias_index is None and len(layer.node.inputs) == 2 and layer.op in ("Conv", "Gemm")

@@ -36,6 +36,9 @@ class QuantConfig:
         verify_count: samples used for that measurement.
         bias_correction: subtract from each bias the mean output shift that weight
             quantization causes, estimated from the calibration inputs' channel means.
+        weight_clip: let a weight's fractional length go past the no-overflow length when
+            that raises the weight tensor's SQNR (clipping its largest values). Off by
+            default: it raises weight SQNR but lowers output SQNR at low bit widths.
         format: output format: ``mxqn`` (Cast/Mul weights, custom quantizer nodes) or ``qdq``
             (standard QuantizeLinear/DequantizeLinear with scales 2^-f where expressible).
         opset: raise the output's default-domain opset to this (None: keep the model's, at
@@ -74,6 +77,7 @@ class QuantConfig:
     verify: bool = True
     verify_count: int = 256
     bias_correction: bool = True
+    weight_clip: bool = False
     format: str = "mxqn"
     opset: Optional[int] = None
     target_sqnr_db: Optional[float] = None

@@ -56,7 +56,7 @@ def build_units(layers: Sequence[Layer], hists: Dict[str, TensorHistogram], n_sa
         widths = [fixed] if fixed is not None else list(config.bits_set)
         w = layer.weight
         table = {b: choose_weight(w, b, config.weight_granularity, layer.channel_axis,
-                                  config.channel_gain_db).sqnr_db for b in widths}
+                                  config.channel_gain_db, config.weight_clip).sqnr_db for b in widths}
         units.append(A.Unit("weight", layer.name, int(w.size), table, 1.0, fixed))
         consumers.setdefault(layer.data.name, []).append(i)
     act_fixed: Dict[str, Optional[int]] = {}

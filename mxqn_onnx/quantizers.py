@@ -196,19 +196,23 @@ class LogChoice:
 # --------------------------------------------------------------------------- exact scoring (weights)
 
 
-def best_fxp_tensor(w: np.ndarray, bits: int, signed: bool = True) -> FixedChoice:
-    """SQNR-optimal tensor-wide fractional length for exact data ``w``."""
+def best_fxp_tensor(w: np.ndarray, bits: int, signed: bool = True,
+                    above: int = FXP_SEARCH_ABOVE) -> FixedChoice:
+    """SQNR-optimal tensor-wide fractional length for exact data ``w``.
+
+    ``above`` bounds how far past the no-overflow length the search goes (0: never clip).
+    """
     w = np.asarray(w, dtype=np.float32).ravel()
     max_abs = float(np.max(np.abs(w))) if w.size else 0.0
     f0 = no_overflow_frac(max_abs, bits, signed)
-    cands = np.arange(f0 - FXP_SEARCH_BELOW, f0 + FXP_SEARCH_ABOVE + 1)
+    cands = np.arange(f0 - FXP_SEARCH_BELOW, f0 + above + 1)
     errs = _fxp_errors_rows(w[None, :], bits, signed, cands[None, :])[0]
     best = int(np.argmin(errs))  # first minimum: the smallest f, i.e. least clipping
     signal = float(np.sum(w.astype(np.float64) ** 2))
     return FixedChoice(bits, int(cands[best]), signed, sqnr_db(signal, float(errs[best])))
 
 
-def best_fxp_channels(w2d: np.ndarray, bits: int, signed: bool = True):
+def best_fxp_channels(w2d: np.ndarray, bits: int, signed: bool = True, above: int = FXP_SEARCH_ABOVE):
     """SQNR-optimal fractional length per row of ``w2d`` (rows = output channels).
 
     Returns ``(fracs[int64, C], total_sqnr_db)``; candidates and channels are scored together.
@@ -216,7 +220,7 @@ def best_fxp_channels(w2d: np.ndarray, bits: int, signed: bool = True):
     w2d = np.asarray(w2d, dtype=np.float32)
     max_abs = np.max(np.abs(w2d), axis=1) if w2d.shape[1] else np.zeros(w2d.shape[0])
     f0 = np.array([no_overflow_frac(float(m), bits, signed) for m in max_abs], dtype=np.int64)
-    offsets = np.arange(-FXP_SEARCH_BELOW, FXP_SEARCH_ABOVE + 1)
+    offsets = np.arange(-FXP_SEARCH_BELOW, above + 1)
     cands = f0[:, None] + offsets[None, :]
     errs = _fxp_errors_rows(w2d, bits, signed, cands)
     best = np.argmin(errs, axis=1)

@@ -278,7 +278,7 @@ def make_probe(fp32: onnx.ModelProto, layers: Sequence[Layer], hists: Dict[str, 
             for layer in layers:
                 w = layer.weight
                 wd = choose_weight(w, pick[("weight", layer.name)], config.weight_granularity,
-                                   layer.channel_axis, config.channel_gain_db)
+                                   layer.channel_axis, config.channel_gain_db, config.weight_clip)
                 werr[layer.name] = Q.fxp_quantize(w, wd.bits, wd.frac_array(w.shape), True) - w
                 own[("weight", layer.name)] = db_to_noise(wd.sqnr_db)
                 t = layer.data.name
