@@ -168,3 +168,27 @@ def test_cli_bad_input_one_line(tmp_path, digits_model, digits_calib):
         assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
         assert not (tmp_path / "o.onnx").exists()
     assert digits_model.read_bytes() == before
+
+
+def test_weights_never_clip_unless_asked(digits_model, digits_calib):
+    from mxqn_onnx import quantizers as Q
+    from mxqn_onnx.choose import _channels_first
+    from mxqn_onnx.layers import find_layers
+    from mxqn_onnx.loading import load_model, normalise
+
+    layers, _ = find_layers(normalise(load_model(digits_model)))
+    plain = mxqn_onnx.quantize(digits_model, digits_calib, wbits=4, abits=8, verify=False)
+    clip = mxqn_onnx.quantize(digits_model, digits_calib, wbits=4, abits=8, verify=False, weight_clip=True)
+    went_past = 0
+    for layer, d, c in zip(layers, plain.layers, clip.layers):
+        w = layer.weight
+        if d.weight.granularity == "channel":
+            maxes = np.abs(_channels_first(w, layer.channel_axis)).max(axis=1)
+            assert d.weight.frac == [Q.no_overflow_frac(float(m), 4, True) for m in maxes]
+        else:
+            assert d.weight.frac == Q.no_overflow_frac(float(np.abs(w).max()), 4, True)
+        # clipping search: never below the no-overflow length, and better weight SQNR
+        assert c.weight.sqnr_db >= d.weight.sqnr_db - 1e-9
+        went_past += np.sum(np.asarray(c.weight.frac) > np.asarray(d.weight.frac)) if \
+            c.weight.granularity == d.weight.granularity else 1
+    assert went_past > 0
