@@ -19,6 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__, correction, functions
+from .align import align_channel_ranges
 from .calibrate import collect_histograms
 from .choose import ActDecision, LayerDecision, choose_all
 from .config import QuantConfig
@@ -283,6 +284,8 @@ def quantize(
     source = make_source(calibration, specs, config.batch_size, preprocess, image_size,
                          random_count=config.calib_count)
     graph = normalise(raise_opset(source_model, config.opset))
+    if config.align_channels and config.weight_granularity != "tensor":
+        align_channel_ranges(graph, config.wbits)
     layers, skipped = find_layers(graph, config.exclude)
     layers, skipped = _keep_float(layers, skipped, config)
     if not layers:

@@ -58,6 +58,9 @@ def _add_convert(sub) -> None:
     q.add_argument("--weight-clip", action="store_true",
                    help="let weight fractional lengths clip the largest weights when that raises "
                         "weight SQNR (off: it usually lowers output SQNR at low bit widths)")
+    q.add_argument("--align-channels", action="store_true",
+                   help="rescale output channels (compensated in the next layer) so their weights "
+                        "fill the power-of-two grid; often better at 4-bit weights, see README")
     q.add_argument("--no-bias-correction", action="store_true",
                    help="do not correct biases for the mean shift caused by weight quantization")
     _add_mixed_args(p)
@@ -256,6 +259,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         keep_bits=args.keep_bits, calib_count=args.calib_count, batch_size=args.batch_size,
         verify=not args.no_verify, verify_count=args.verify_count,
         bias_correction=not args.no_bias_correction, weight_clip=args.weight_clip,
+        align_channels=args.align_channels,
         format=args.format, opset=args.opset,
         target_sqnr_db=args.target_sqnr, avg_wbits=args.avg_wbits, avg_abits=args.avg_abits,
         max_size_mb=args.max_size, max_accuracy_drop=args.max_accuracy_drop, bits_set=args.bits_set,
