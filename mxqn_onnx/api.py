@@ -288,11 +288,12 @@ def quantize(
         align_channel_ranges(graph, config.wbits)
     layers, skipped = find_layers(graph, config.exclude)
     layers, skipped = _keep_float(layers, skipped, config)
-    if not layers:
+    if not layers and not config.allow_empty:
         detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
         raise MxqnError(
             "no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight) "
-            "in this model" + (f" ({detail})" if detail else "") + "; nothing to do"
+            "in this model" + (f" ({detail})" if detail else "") + "; nothing to do "
+            "(--allow-empty writes it unquantized anyway)"
         )
     fp32 = _normalised_fp32(graph, source_model)
     t_load = time.perf_counter()

@@ -66,6 +66,8 @@ def _add_convert(sub) -> None:
     _add_mixed_args(p)
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE", help="also write the report as JSON")
+    o.add_argument("--allow-empty", action="store_true",
+                   help="write the model even when no layer can be quantized (default: refuse)")
     o.add_argument("--plot", metavar="DIR", help="write PNG plots (per-layer SQNR and bits, predicted vs "
                                                  "measured output SQNR, activation histograms) to DIR; "
                                                  "needs matplotlib (pip install 'mxqn-onnx[plot]')")
@@ -259,7 +261,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         keep_bits=args.keep_bits, calib_count=args.calib_count, batch_size=args.batch_size,
         verify=not args.no_verify, verify_count=args.verify_count,
         bias_correction=not args.no_bias_correction, weight_clip=args.weight_clip,
-        align_channels=args.align_channels,
+        align_channels=args.align_channels, allow_empty=args.allow_empty,
         format=args.format, opset=args.opset,
         target_sqnr_db=args.target_sqnr, avg_wbits=args.avg_wbits, avg_abits=args.avg_abits,
         max_size_mb=args.max_size, max_accuracy_drop=args.max_accuracy_drop, bits_set=args.bits_set,

@@ -43,6 +43,8 @@ class QuantConfig:
             unchanged) so each channel's weights fill its power-of-two grid; see
             :mod:`mxqn_onnx.align`. Off by default: measured +1.7 to +3.4 dB on ResNet34 and
             VGG19 at 4-bit weights but -0.6 to -1.7 dB on ResNet18 and at 8 bits.
+        allow_empty: when no layer can be quantized, still write the model (with the mxqn
+            metadata listing why every layer stayed float) instead of refusing.
         format: output format: ``mxqn`` (Cast/Mul weights, custom quantizer nodes) or ``qdq``
             (standard QuantizeLinear/DequantizeLinear with scales 2^-f where expressible).
         opset: raise the output's default-domain opset to this (None: keep the model's, at
@@ -83,6 +85,7 @@ class QuantConfig:
     bias_correction: bool = True
     weight_clip: bool = False
     align_channels: bool = False
+    allow_empty: bool = False
     format: str = "mxqn"
     opset: Optional[int] = None
     target_sqnr_db: Optional[float] = None

@@ -7,6 +7,7 @@ input files did not change. A few cases also run as a real subprocess.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -346,3 +347,15 @@ def test_subprocess_exit_code_and_single_line(work, case):
     assert proc.returncode == 2
     assert len(lines) == 1 and lines[0].startswith("mxqn-onnx: error: "), proc.stderr
     assert list((work / "out").iterdir()) == [] and _snapshot(work) == before
+
+
+def test_no_quantizable_layer_written_when_asked(work, capsys):
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu_only",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(work / "relu.onnx"))
+    assert main(_convert(work, "relu.onnx", "out/q.onnx", "calib.npy", "--allow-empty")) == 0
+    out = onnx.load(str(work / "out" / "q.onnx"))
+    onnx.checker.check_model(out, full_check=True)
+    meta = json.loads(next(p.value for p in out.metadata_props if p.key == "mxqn"))
+    assert meta["layers"] == [] and [n.op_type for n in out.graph.node] == ["Relu"]
