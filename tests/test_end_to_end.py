@@ -138,6 +138,12 @@ def test_cli_convert_inspect_evaluate(tmp_path, digits_model, digits_calib, digi
     assert p.returncode == 0, p.stderr
     report = json.loads(rep.read_text())
     assert report["measured"]["output_sqnr_db"] > 25
+    # the atomic write must not leave the temporary file's private 0600 mode behind
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
     assert report["size_bytes"]["after"] == out.stat().st_size
     s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = np.load(digits_calib)["input"][:3]
