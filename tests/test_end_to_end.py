@@ -198,3 +198,15 @@ def test_weights_never_clip_unless_asked(digits_model, digits_calib):
         went_past += np.sum(np.asarray(c.weight.frac) > np.asarray(d.weight.frac)) if \
             c.weight.granularity == d.weight.granularity else 1
     assert went_past > 0
+
+
+@pytest.mark.parametrize("bits,min_db,max_drop", [(8, 35.0, 0.005), (4, 15.0, 0.02)])
+def test_shipped_vgg16_from_the_zoo(bits, min_db, max_drop):
+    """The paper's VGG16 (zoo copy in models/): W8A8 keeps top-1, W4A4 stays usable."""
+    from conftest import MODELS
+
+    r = mxqn_onnx.quantize(MODELS / "digits32_vgg16.onnx", MODELS / "digits32_calib.npz",
+                           wbits=bits, abits=bits, verify=False)
+    c = _accuracy(MODELS / "digits32_vgg16.onnx", r.model, MODELS / "digits32_test.npz")
+    assert c.top1_quant >= c.top1_ref - max_drop
+    assert c.output_sqnr_db > min_db

@@ -124,6 +124,15 @@ def test_executor_at_low_bits_and_per_channel(digits_model, digits_calib, digits
 ZOO_MODELS = sorted(p.name for p in ZOO.glob("digits_*.onnx")) if ZOO.is_dir() else []  # the 32x32 digits zoo
 
 
+def test_executor_matches_onnxruntime_on_shipped_vgg16():
+    """The zoo's VGG16 ships in models/, so this runs everywhere (the rest of the zoo below)."""
+    models = ROOT / "models"
+    r = mxqn_onnx.quantize(models / "digits32_vgg16.onnx", models / "digits32_calib.npz", verify=False)
+    rep = compare_with_onnxruntime(r.model, _batches(models / "digits32_test.npz", 8, 8))
+    assert rep["within_one_step"], json.dumps(rep)[:2000]
+    assert len(rep["layers_integer"]) == len(r.layers)
+
+
 @pytest.mark.skipif(not ZOO_MODELS or not (ZOO / "digits_calib.npz").exists(), reason="no zoo models in cache/zoo")
 @pytest.mark.parametrize("name", [n for n in ZOO_MODELS if not n.endswith("_dynamo.onnx")] or ["none"])
 def test_executor_matches_onnxruntime_on_zoo(name):
