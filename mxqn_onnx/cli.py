@@ -1,4 +1,4 @@
-"""``mxqn-onnx`` command line: convert, inspect, evaluate. A thin layer over the Python API."""
+"""``mxqn-onnx`` command line: convert, inspect, evaluate, report, simulate. A thin layer over the API."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _add_convert(sub) -> None:
                    help="rescale output channels (compensated in the next layer) so their weights "
                         "fill the power-of-two grid; often better at 4-bit weights, see README")
     q.add_argument("--no-bias-correction", action="store_true",
-                   help="do not correct biases for the mean shift caused by weight quantization")
+                   help="do not correct biases for the mean output shift that quantization causes")
     _add_mixed_args(p)
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE", help="also write the report as JSON")
