@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import quantizers as Q
+from .layers import conv_input_channels
 
 #: ops through which a positive per-channel scale passes unchanged
 _SCALE_TRANSPARENT = ("Relu", "MaxPool", "GlobalAveragePool", "GlobalMaxPool")
@@ -83,11 +84,9 @@ def _compensate(nxt: gs.Node, s: np.ndarray) -> Optional[np.ndarray]:
     if nxt.op == "Conv":
         groups = int(nxt.attrs.get("group", 1))
         in_per_group, out_ch = w.shape[1], w.shape[0]
-        if in_per_group * groups != len(s) or out_ch % groups:
+        idx = conv_input_channels(out_ch, in_per_group, groups)
+        if idx is None or in_per_group * groups != len(s):
             return None
-        # output channel o reads input channels of its group: g(o) * C/g + j
-        group_of = np.arange(out_ch) // (out_ch // groups)
-        idx = group_of[:, None] * in_per_group + np.arange(in_per_group)[None, :]
         return (w / s[idx].reshape(out_ch, in_per_group, *([1] * (w.ndim - 2)))).astype(np.float32)
     if int(nxt.attrs.get("transA", 0)):
         return None

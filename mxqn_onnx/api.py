@@ -139,9 +139,15 @@ def raise_opset(model: onnx.ModelProto, opset: Optional[int]) -> onnx.ModelProto
 
 
 def save_model_atomic(model: onnx.ModelProto, path) -> None:
-    """Write ``model`` to ``path`` via a temporary file in the same folder and a rename.
+    """Write ``model`` to ``path`` atomically (see :func:`write_atomic`)."""
+    write_atomic(path, model.SerializeToString(), "model")
 
-    An error or interrupt part-way leaves no output (and an older file at ``path`` intact).
+
+def write_atomic(path, data: bytes, what: str) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
+
+    An error or interrupt part-way leaves no output (and an older file at ``path`` intact);
+    errors become one-line :class:`MxqnError` naming ``what`` was being written.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -155,7 +161,7 @@ def save_model_atomic(model: onnx.ModelProto, path) -> None:
         raise MxqnError(f"{folder}: cannot write to the output folder ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
+            fh.write(data)
         # mkstemp creates the file 0600; give it the permissions a plain open() would
         umask = os.umask(0)
         os.umask(umask)
@@ -164,7 +170,7 @@ def save_model_atomic(model: onnx.ModelProto, path) -> None:
     except OSError as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise MxqnError(f"{path}: cannot write the model ({exc.strerror or exc}); nothing was written") from None
+        raise MxqnError(f"{path}: cannot write the {what} ({exc.strerror or exc}); nothing was written") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

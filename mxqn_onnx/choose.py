@@ -37,6 +37,14 @@ class WeightDecision:
         return np.asarray(self.frac, dtype=np.int64).reshape(view)
 
 
+def describe_activation(act: dict) -> str:
+    """Short form of an activation quantizer (a decision's fields): ``fxp8u f=6``, ``log4s k=2 E=7``."""
+    sign = "s" if act["signed"] else "u"
+    if act["kind"] == "fixed":
+        return f"fxp{act['bits']}{sign} f={act['frac']}"
+    return f"log{act['bits']}{sign} k={act['k']} E={act['E']}"
+
+
 @dataclass
 class ActDecision:
     tensor: str
@@ -55,10 +63,7 @@ class ActDecision:
     mean_error: float = 0.0
 
     def describe(self) -> str:
-        sign = "s" if self.signed else "u"
-        if self.kind == "fixed":
-            return f"fxp{self.bits}{sign} f={self.frac}"
-        return f"log{self.bits}{sign} k={self.k} E={self.E}"
+        return describe_activation(vars(self))
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         if self.kind == "fixed":

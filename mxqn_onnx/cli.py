@@ -231,19 +231,8 @@ def _check_output_path(inp: str, out: str, what: str = "output") -> None:
         raise MxqnError(f"{what} folder {folder} is not writable ({exc.strerror or exc})") from None
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    """Write a text file via a temporary file and a rename; errors become one line."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise MxqnError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
-
-
 def cmd_convert(args, console: Console, err: Console) -> int:
-    from .api import quantize, save_model_atomic
+    from .api import quantize, save_model_atomic, write_atomic
 
     if not Path(args.input).is_file():
         raise MxqnError(f"{args.input}: no such file; give the path of an .onnx model")
@@ -285,7 +274,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         print_report(report, console, title=f"mxqn-onnx: {args.input}")
     save_model_atomic(result.model, args.output)
     if args.report:
-        _write_text_atomic(args.report, json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_atomic(args.report, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(), "report")
     console.print(f"wrote {args.output}", highlight=False)
     if args.plot:
         from .plots import write_plots

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from .layers import Layer
+from .layers import Layer, conv_input_channels
 
 
 def input_channel_axis(layer: Layer) -> Optional[int]:
@@ -33,12 +33,11 @@ def _contract(layer: Layer, w: np.ndarray, mean_in: np.ndarray) -> Optional[np.n
     if layer.op == "Conv":
         groups = int(layer.node.attrs.get("group", 1))
         out_ch, in_per_group = w.shape[0], w.shape[1]
-        if mean_in.shape[0] != groups * in_per_group or out_ch % groups:
+        idx = conv_input_channels(out_ch, in_per_group, groups)
+        if idx is None or mean_in.shape[0] != groups * in_per_group:
             return None
         per_tap = w.reshape(out_ch, in_per_group, -1).sum(axis=2)  # [O, C/g]
-        group_of = np.arange(out_ch) // (out_ch // groups)
-        means = mean_in.reshape(groups, in_per_group)[group_of]  # [O, C/g]
-        return np.sum(per_tap * means, axis=1)
+        return np.sum(per_tap * mean_in[idx], axis=1)
     if layer.op == "Gemm":
         alpha = float(layer.node.attrs.get("alpha", 1.0))
         trans_b = int(layer.node.attrs.get("transB", 0))

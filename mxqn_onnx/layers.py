@@ -54,6 +54,17 @@ class Skipped:
     reason: str
 
 
+def conv_input_channels(out_ch: int, in_per_group: int, groups: int) -> Optional[np.ndarray]:
+    """For each output channel of a (grouped) Conv, the input channels it reads: ``[O, C/g]``.
+
+    None when the output channels do not split evenly into the groups.
+    """
+    if groups < 1 or out_ch % groups:
+        return None
+    group_of = np.arange(out_ch) // (out_ch // groups)
+    return group_of[:, None] * in_per_group + np.arange(in_per_group)[None, :]
+
+
 def _is_float_const(t) -> bool:
     return isinstance(t, gs.Constant) and np.asarray(t.values).dtype == np.float32
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import quantizers as Q
+from .choose import describe_activation
 from .errors import MxqnError
 
 #: Histogram summary resolution: bins per octave of |x|.
@@ -60,6 +61,14 @@ def histogram_summary(hist, bins_per_octave: int = SUMMARY_BINS_PER_OCTAVE) -> d
         "zeros": int(np.sum(b.count[zero])), "min": float(hist.min), "max": float(hist.max),
         "bins_per_octave": bins_per_octave,
     }
+
+
+def _save(fig, path: Path, dpi: int = 100) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
 
 
 def _plt():
@@ -125,10 +134,7 @@ def plot_sqnr_layers(report: dict, path: Path) -> Path:
     ax.set_ylabel("SQNR (dB)")
     ax.set_title("per-layer SQNR (solid, marked: chosen activation quantizer; hatched: not chosen)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bits(report: dict, path: Path) -> Path:
@@ -147,10 +153,7 @@ def plot_bits(report: dict, path: Path) -> Path:
     alloc = report.get("allocation")
     ax.set_title("bit widths per layer" + (f" ({alloc['mode']} allocation)" if alloc else " (uniform)"), fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_output_sqnr(report: dict, path: Path) -> Path:
@@ -200,10 +203,7 @@ def plot_output_sqnr(report: dict, path: Path) -> Path:
         ax2.set_ylabel("validation top-1 (%)")
         ax2.set_title("accuracy search: evaluations in order (green pass, red fail)", fontsize=9)
         ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_histogram(act: dict, summary: Optional[dict], path: Path, title: str = "") -> Path:
@@ -253,15 +253,11 @@ def plot_histogram(act: dict, summary: Optional[dict], path: Path, title: str = 
     a1.legend(fontsize=7, loc="upper right")
     if summary is not None:
         a2.legend(fontsize=7, loc="upper left")
-    desc = (f"fxp{act['bits']}{'s' if act['signed'] else 'u'} f={act['frac']}" if act["kind"] == "fixed"
-            else f"log{act['bits']}{'s' if act['signed'] else 'u'} k={act['k']} E={act['E']}")
+    desc = describe_activation(act)
     sq = act.get("sqnr_db")
     fig.suptitle(f"{title or act['tensor']}: {desc} (red: levels), SQNR "
                  f"{'exact' if sq is None else f'{sq:.1f} dB'}" + (f"; {note}" if note else ""), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=90)
 
 
 def _safe(name: str) -> str:

@@ -7,6 +7,8 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
+from .choose import describe_activation
+
 
 def _db(v) -> str:
     if v is None:
@@ -19,13 +21,6 @@ def _frac(w: dict) -> str:
     if isinstance(f, list):
         return f"ch {min(f)}..{max(f)}" if min(f) != max(f) else f"ch {f[0]}"
     return str(f)
-
-
-def _act(a: dict) -> str:
-    sign = "s" if a["signed"] else "u"
-    if a["kind"] == "fixed":
-        return f"fxp{a['bits']}{sign} f={a['frac']}"
-    return f"log{a['bits']}{sign} k={a['k']} E={a['E']}"
 
 
 def layer_table(report: dict, title: Optional[str] = None) -> Table:
@@ -42,7 +37,7 @@ def layer_table(report: dict, title: Optional[str] = None) -> Table:
         bias = layer.get("bias_frac")
         if isinstance(bias, list):
             bias = f"{min(bias)}..{max(bias)}" if min(bias) != max(bias) else str(bias[0])
-        t.add_row(layer["name"], layer["op"], str(w["bits"]), _frac(w), _db(w["sqnr_db"]), _act(a),
+        t.add_row(layer["name"], layer["op"], str(w["bits"]), _frac(w), _db(w["sqnr_db"]), describe_activation(a),
                   _db(a["sqnr_fixed_db"]) if a["sqnr_fixed_db"] is not None or a["kind"] == "fixed" else "-",
                   _db(a["sqnr_log_db"]) if a["sqnr_log_db"] is not None else "-",
                   "-" if bias is None else str(bias))

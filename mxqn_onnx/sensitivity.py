@@ -36,7 +36,7 @@ refinement corrects.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -54,26 +54,41 @@ _PREFIX = "mxqn_probe"
 UnitKey = Tuple[str, str]  # ("weight", layer name) | ("act", tensor name)
 
 
-def build_probe(fp32: onnx.ModelProto, layers: Sequence[Layer]) -> Tuple[onnx.ModelProto, Dict[UnitKey, str]]:
-    """The probe model and the scale input's name for each unit."""
+def _with_probes(fp32: onnx.ModelProto, layers: Sequence[Layer],
+                 insert: Callable[[onnx.GraphProto, str, UnitKey, List[onnx.NodeProto]], str]) -> onnx.ModelProto:
+    """A copy of ``fp32`` where each layer's weight and (shared) data input pass through
+    ``insert(graph, tensor, unit, new_nodes) -> probed tensor``."""
     model = onnx.ModelProto.FromString(fp32.SerializeToString())
     g = model.graph
     by_name = {n.name: n for n in g.node}
-    scales: Dict[UnitKey, str] = {}
     new_nodes: List[onnx.NodeProto] = []
-    seed = 0
+    act_out: Dict[str, str] = {}
+    for layer in layers:
+        node = by_name[layer.name]
+        node.input[layer.weight_index] = insert(g, node.input[layer.weight_index], ("weight", layer.name), new_nodes)
+        t = node.input[layer.data_index]
+        if t not in act_out:
+            act_out[t] = insert(g, t, ("act", t), new_nodes)
+        node.input[layer.data_index] = act_out[t]
+    # the probe nodes read activations produced further down: sort properly
+    g.node.extend(new_nodes)
+    _toposort(g)
+    return model
 
-    def noisy(src: str, key: UnitKey) -> str:
-        nonlocal seed
+
+def build_probe(fp32: onnx.ModelProto, layers: Sequence[Layer]) -> Tuple[onnx.ModelProto, Dict[UnitKey, str]]:
+    """The probe model and the scale input's name for each unit."""
+    scales: Dict[UnitKey, str] = {}
+
+    def noisy(g: onnx.GraphProto, src: str, key: UnitKey, new_nodes: List[onnx.NodeProto]) -> str:
         i = len(scales)
         scale = f"{_PREFIX}_scale_{i}"
         scales[key] = scale
         g.input.append(helper.make_tensor_value_info(scale, onnx.TensorProto.FLOAT, []))
-        seed += 1
         p = f"{_PREFIX}_{i}"
         new_nodes.extend([
             # a fixed seed per unit keeps the probe deterministic for a given run sequence
-            helper.make_node("RandomNormalLike", [src], [p + "_rnd"], name=p + "_rn", seed=float(seed)),
+            helper.make_node("RandomNormalLike", [src], [p + "_rnd"], name=p + "_rn", seed=float(i + 1)),
             # quantization maps exact zeros (post-ReLU activations) to zero: so does the probe
             helper.make_node("Sign", [src], [p + "_sign"], name=p + "_signop"),
             helper.make_node("Abs", [p + "_sign"], [p + "_mask"], name=p + "_abs"),
@@ -81,23 +96,9 @@ def build_probe(fp32: onnx.ModelProto, layers: Sequence[Layer]) -> Tuple[onnx.Mo
             helper.make_node("Mul", [p + "_masked", scale], [p + "_scaled"], name=p + "_mul"),
             helper.make_node("Add", [src, p + "_scaled"], [p + "_out"], name=p + "_add"),
         ])
-        out = p + "_out"
-        return out
+        return p + "_out"
 
-    act_out: Dict[str, str] = {}
-    for layer in layers:
-        node = by_name[layer.name]
-        w_name = node.input[layer.weight_index]
-        node.input[layer.weight_index] = noisy(w_name, ("weight", layer.name))
-        t = node.input[layer.data_index]
-        if t not in act_out:
-            act_out[t] = noisy(t, ("act", t))
-        node.input[layer.data_index] = act_out[t]
-    # the noise nodes read only initializers and existing tensors: putting them first keeps
-    # the graph topologically sorted except for activations, so sort properly
-    g.node.extend(new_nodes)
-    _toposort(g)
-    return model, scales
+    return _with_probes(fp32, layers, noisy), scales
 
 
 def _toposort(g: onnx.GraphProto) -> None:
@@ -169,13 +170,9 @@ def build_error_probe(fp32: onnx.ModelProto, layers: Sequence[Layer]) -> Tuple[o
     Each ``e`` is a graph input backed by a scalar zero initializer, so a run feeds only the
     error of the unit being probed and every other unit stays exactly FP32.
     """
-    model = onnx.ModelProto.FromString(fp32.SerializeToString())
-    g = model.graph
-    by_name = {n.name: n for n in g.node}
     errs: Dict[UnitKey, str] = {}
-    new_nodes: List[onnx.NodeProto] = []
 
-    def add_error(src: str, key: UnitKey) -> str:
+    def add_error(g: onnx.GraphProto, src: str, key: UnitKey, new_nodes: List[onnx.NodeProto]) -> str:
         p = f"{_PREFIX}_{len(errs)}"
         errs[key] = p + "_e"
         g.input.append(onnx.ValueInfoProto(name=p + "_e", type=helper.make_tensor_type_proto(
@@ -184,16 +181,7 @@ def build_error_probe(fp32: onnx.ModelProto, layers: Sequence[Layer]) -> Tuple[o
         new_nodes.append(helper.make_node("Add", [src, p + "_e"], [p + "_out"], name=p + "_add"))
         return p + "_out"
 
-    act_out: Dict[str, str] = {}
-    for layer in layers:
-        node = by_name[layer.name]
-        node.input[layer.weight_index] = add_error(node.input[layer.weight_index], ("weight", layer.name))
-        t = node.input[layer.data_index]
-        if t not in act_out:
-            act_out[t] = add_error(t, ("act", t))
-        node.input[layer.data_index] = act_out[t]
-    g.node.extend(new_nodes)
-    _toposort(g)
+    model = _with_probes(fp32, layers, add_error)
     model.ir_version = max(model.ir_version, 4)  # initializers as overridable input defaults
     return model, errs
 
