@@ -24,7 +24,7 @@ from .calibrate import collect_histograms
 from .choose import ActDecision, LayerDecision, choose_all
 from .config import QuantConfig
 from .data import CalibrationLike, input_specs, make_source
-from .errors import MxqnError
+from .errors import MxqnError, first_line
 from .layers import Skipped, find_layers
 from .containers import weight_container
 from .loading import MIN_OPSET, ModelLike, default_opset, load_model, normalise
@@ -134,7 +134,7 @@ def raise_opset(model: onnx.ModelProto, opset: Optional[int]) -> onnx.ModelProto
     try:
         return version_converter.convert_version(model, opset)
     except Exception as exc:  # the converter raises bare RuntimeErrors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise MxqnError(f"could not convert the model from opset {current} to {opset} ({first})") from None
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .data import DataSource, fixed_batch
-from .errors import MxqnError
+from .data import DataSource, batch_len, fixed_batch
+from .errors import MxqnError, first_line
 from .observers import NonFiniteError, TensorHistogram
 
 #: Values per tensor and batch beyond which calibration histograms a subset. 2^20 values
@@ -44,7 +44,7 @@ def make_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> o
     try:
         return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise MxqnError(f"onnxruntime cannot load the model: {first}") from None
 
 
@@ -113,7 +113,7 @@ def collect_histograms(
         pending = None
         fixed = fixed_batch(source.specs)
         for feed in source.batches(limit):
-            n = _batch_len(feed)
+            n = batch_len(feed)
 
             def size() -> int:  # asked before each piece: the first one measures per_sample
                 if fixed is not None:
@@ -124,7 +124,7 @@ def collect_histograms(
                 try:
                     outs = runner.run(part)
                 except Exception as exc:
-                    first = str(exc).strip().splitlines()[0]
+                    first = first_line(exc)
                     raise MxqnError(f"onnxruntime failed on {source.label}: {first}") from None
                 if per_sample is None and m:
                     per_sample = sum(o.nbytes for o in outs) / m
@@ -194,10 +194,6 @@ class _ReusingRunner:
         self.session.run_with_iobinding(binding)
         return list(bufs)
 
-
-def _batch_len(feed: dict) -> int:
-    first = next(iter(feed.values()))
-    return int(first.shape[0]) if np.ndim(first) else 1
 
 
 def _split(feed: dict, n: int, size):

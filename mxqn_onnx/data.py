@@ -111,7 +111,7 @@ class DataSource:
         seen = 0
         for i, feed in enumerate(_rebatch(self._factory(), self.specs, self.label)):
             feed = check_feed(feed, self.specs, f"{self.label} (batch {i})")
-            n = _batch_len(feed)
+            n = batch_len(feed)
             if limit is not None and seen + n > limit:
                 keep = limit - seen
                 if keep <= 0:
@@ -156,7 +156,8 @@ def _rebatch(feeds: Iterable[Feed], specs: Sequence[InputSpec], label: str) -> I
                           f"dropped the last {n - whole} sample(s) of a batch of {n}", stacklevel=2)
 
 
-def _batch_len(feed: Feed) -> int:
+def batch_len(feed: Feed) -> int:
+    """Samples in a feed (its first input's leading dimension)."""
     first = next(iter(feed.values()))
     return int(first.shape[0]) if first.ndim else 1
 

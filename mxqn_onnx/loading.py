@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
-from .errors import MxqnError
+from .errors import MxqnError, first_line
 from .functions import DOMAIN as MXQN_DOMAIN
 
 METADATA_KEY = "mxqn"
@@ -48,7 +48,7 @@ def load_model(src: ModelLike) -> onnx.ModelProto:
             model = onnx.load(str(path), load_external_data=True)
         except (DecodeError, RuntimeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
             # ValidationError: a tensor's external data file is missing or not a file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise MxqnError(f"{path}: not a readable ONNX model ({first})") from None
     check_quantizable(model, label)
     return model
@@ -105,7 +105,7 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise MxqnError(
             f"the model uses opset {default_opset(model)}, which could not be "
-            f"upgraded to {UPGRADE_OPSET} ({str(exc).splitlines()[0]}); re-export it at opset {MIN_OPSET} or newer"
+            f"upgraded to {UPGRADE_OPSET} ({first_line(exc)}); re-export it at opset {MIN_OPSET} or newer"
         ) from None
 
 
