@@ -202,14 +202,9 @@ def best_fxp_tensor(w: np.ndarray, bits: int, signed: bool = True,
 
     ``above`` bounds how far past the no-overflow length the search goes (0: never clip).
     """
-    w = np.asarray(w, dtype=np.float32).ravel()
-    max_abs = float(np.max(np.abs(w))) if w.size else 0.0
-    f0 = no_overflow_frac(max_abs, bits, signed)
-    cands = np.arange(f0 - FXP_SEARCH_BELOW, f0 + above + 1)
-    errs = _fxp_errors_rows(w[None, :], bits, signed, cands[None, :])[0]
-    best = int(np.argmin(errs))  # first minimum: the smallest f, i.e. least clipping
-    signal = float(np.sum(w.astype(np.float64) ** 2))
-    return FixedChoice(bits, int(cands[best]), signed, sqnr_db(signal, float(errs[best])))
+    # the whole tensor as one channel
+    fracs, db = best_fxp_channels(np.asarray(w, dtype=np.float32).reshape(1, -1), bits, signed, above)
+    return FixedChoice(bits, int(fracs[0]), signed, db)
 
 
 def best_fxp_channels(w2d: np.ndarray, bits: int, signed: bool = True, above: int = FXP_SEARCH_ABOVE):
@@ -223,7 +218,7 @@ def best_fxp_channels(w2d: np.ndarray, bits: int, signed: bool = True, above: in
     offsets = np.arange(-FXP_SEARCH_BELOW, above + 1)
     cands = f0[:, None] + offsets[None, :]
     errs = _fxp_errors_rows(w2d, bits, signed, cands)
-    best = np.argmin(errs, axis=1)
+    best = np.argmin(errs, axis=1)  # first minimum: the smallest f, i.e. least clipping
     fracs = cands[np.arange(len(cands)), best]
     signal = float(np.sum(w2d.astype(np.float64) ** 2))
     return fracs.astype(np.int64), sqnr_db(signal, float(np.sum(errs[np.arange(len(cands)), best])))
