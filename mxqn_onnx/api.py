@@ -19,8 +19,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__, correction, functions
-from .align import align_channel_ranges
+from .align import align_channel_ranges, equalize_channel_ranges
 from .calibrate import collect_histograms
+from .observers import TensorSample
 from .choose import ActDecision, LayerDecision, choose_all
 from .config import QuantConfig
 from .data import CalibrationLike, input_specs, make_source
@@ -69,6 +70,10 @@ class QuantResult:
     #: compact calibration histogram per activation tensor (for plots; report only)
     histograms: Dict[str, dict] = field(default_factory=dict)
     packed_weight_bytes: int = 0  # weights packed at their widths + int32 biases
+    #: where bias correction took the input channel means: "data" or "batchnorm" (data-free)
+    bias_means: str = "data"
+    #: cross-layer equalization: pairs, channels and per-layer weight SQNR before/after (None: off)
+    equalization: Optional[dict] = None
 
     @property
     def measured_sqnr_db(self) -> Optional[float]:
@@ -79,6 +84,8 @@ class QuantResult:
         d = self._decisions()
         if self.allocation is not None:
             d["allocation"] = _finite(self.allocation)
+        if self.equalization is not None:
+            d["equalization"] = _finite(self.equalization)
         return d
 
     def _decisions(self) -> dict:
@@ -94,6 +101,7 @@ class QuantResult:
             "float_layers": [vars(s) for s in self.float_layers],
             "predicted_output_sqnr_db": self.predicted_sqnr_db,
             "calibration_samples": self.calibration_samples,
+            "bias_means": self.bias_means,
         })
 
     def report(self) -> dict:
@@ -183,6 +191,22 @@ def _normalised_fp32(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProt
     return model
 
 
+def _equalize(graph: gs.Graph, config: QuantConfig) -> dict:
+    """Cross-layer equalization, with each layer's weight SQNR at ``wbits`` before and after."""
+    from .choose import choose_weight
+
+    def weight_sqnr() -> Dict[str, float]:
+        layers, _ = find_layers(graph, config.exclude)
+        return {l.name: choose_weight(l.weight, config.wbits, config.weight_granularity, l.channel_axis,
+                                      config.channel_gain_db, config.weight_clip).sqnr_db for l in layers}
+
+    before = weight_sqnr()
+    pairs, channels = equalize_channel_ranges(graph, power_of_two=config.equalize == "pow2")
+    after = weight_sqnr()
+    return {"mode": config.equalize, "pairs": pairs, "channels": channels,
+            "weight_sqnr_db": {n: {"before": before[n], "after": after.get(n)} for n in before}}
+
+
 def _keep_float(layers, skipped, config: QuantConfig):
     if not config.keep_float or not layers:
         return layers, skipped
@@ -198,7 +222,7 @@ def _keep_float(layers, skipped, config: QuantConfig):
 
 
 def _mixed_precision(graph, layers, skipped, hists, n_samples, config: QuantConfig, fp32, source,
-                     kept, source_model, validation, progress: bool):
+                     kept, source_model, validation, progress: bool, samples=None, means=None):
     """Sensitivities, then allocation with verification (:mod:`mxqn_onnx.mixed`).
 
     Candidate models are rewritten from copies of the normalised graph, which stays untouched
@@ -222,7 +246,7 @@ def _mixed_precision(graph, layers, skipped, hists, n_samples, config: QuantConf
         g = graph.copy()
         ls, _ = find_layers(g, config.exclude)
         ls, _ = _keep_float(ls, [], config)
-        d, a = choose_all(ls, hists, config, bits)
+        d, a = choose_all(ls, hists, config, bits, samples, means)
         meta = QuantResult(onnx.ModelProto(), d, a, skipped, 0.0, None, n_samples, 0, 0,
                            config=config, opset=opset).decisions()
         qm = rewrite(g, ls, d, a, source_model, meta, fmt=config.format)
@@ -293,7 +317,14 @@ def quantize(
     specs = input_specs(source_model)
     source = make_source(calibration, specs, config.batch_size, preprocess, image_size,
                          random_count=config.calib_count)
-    graph = normalise(raise_opset(source_model, config.opset))
+    upgraded = raise_opset(source_model, config.opset)
+    use_priors = config.bias_correction and (
+        config.bias_means == "batchnorm" or (config.bias_means == "auto" and source.synthetic))
+    priors = correction.batchnorm_priors(upgraded) if use_priors else None
+    graph = normalise(upgraded)
+    equalized = None
+    if config.equalize != "off":
+        equalized = _equalize(graph, config)
     if config.align_channels and config.weight_granularity != "tensor":
         align_channel_ranges(graph, config.wbits)
     layers, skipped = find_layers(graph, config.exclude)
@@ -318,21 +349,31 @@ def quantize(
             axis = correction.input_channel_axis(layer)
             if axis is not None:
                 channel_axes[layer.data.name] = axis
+    samples = {t: TensorSample(t, config.data_samples) for t in tensors} if config.uses_samples else {}
     hists, n_samples, kept = collect_histograms(
         fp32, tensors, source, config.calib_count, progress,
         keep_batches=keep if (config.verify or config.allocation_mode is not None) else 0,
-        channel_axes=channel_axes)
+        channel_axes=channel_axes, samples=samples)
+    sample_arrays = {t: a for t, a in ((t, s.array()) for t, s in samples.items()) if a is not None}
+    del samples
+    # data-free bias correction: channel means from the BatchNorm priors instead of the data
+    means = correction.prior_input_means(graph, priors) if priors is not None else None
     t_calib = time.perf_counter()
 
     outcome = None
     if config.allocation_mode is not None:
         outcome = _mixed_precision(graph, layers, skipped, hists, n_samples, config, fp32, source, kept,
-                                   source_model, validation, progress)
+                                   source_model, validation, progress, sample_arrays, means)
     del fp32
     t_mixed = time.perf_counter()
 
-    decisions, acts = choose_all(layers, hists, config, outcome.bits if outcome else None)
-    terms = [d.weight.sqnr_db for d in decisions] + [a.sqnr_db for a in acts.values()]
+    decisions, acts = choose_all(layers, hists, config, outcome.bits if outcome else None, sample_arrays,
+                                 means)
+    del sample_arrays
+    # a weight's noise as the layer's output sees it, where measured on calibration inputs
+    # (data-aware rounding trades weight SQNR for exactly that)
+    terms = [d.weight.sqnr_db if d.weight.output_sqnr_db is None else d.weight.output_sqnr_db
+             for d in decisions] + [a.sqnr_db for a in acts.values()]
     predicted = combine_sqnr_db(terms)
     t_choose = time.perf_counter()
 
@@ -342,6 +383,8 @@ def quantize(
         size_before=source_model.ByteSize(), size_after=0, config=config,
         opset=max(int(graph.opset), MIN_OPSET),
         allocation=outcome.record if outcome else None,
+        equalization=equalized,
+        bias_means="batchnorm" if priors is not None else "data",
         histograms={t: histogram_summary(h) for t, h in hists.items()},
         packed_weight_bytes=packed_weight_bytes(layers, [d.weight.bits for d in decisions]),
     )

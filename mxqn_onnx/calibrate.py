@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from .data import DataSource, batch_len, fixed_batch
 from .errors import MxqnError, first_line
-from .observers import NonFiniteError, TensorHistogram
+from .observers import NonFiniteError, TensorHistogram, TensorSample
 
 #: Values per tensor and batch beyond which calibration histograms a subset. 2^20 values
 #: fill the 16k bins densely; larger activations (a 224x224 ResNet's first stages hold
@@ -21,6 +21,9 @@ SAMPLE_CAP = 1 << 20
 #: Bytes of observed tensors per onnxruntime run. A 224x224 ResNet-50 returns 40 MB of layer
 #: inputs per sample, so a batch of 16 would hold 640 MB (twice, with the pipelining below).
 OUTPUT_BUDGET = 128 << 20
+#: Bytes of layer inputs kept as real samples for the data-aware steps (rounding, the
+#: layer-output objective); fewer samples are kept when a sample is large.
+SAMPLE_BUDGET = 256 << 20
 
 
 def make_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> ort.InferenceSession:
@@ -69,6 +72,8 @@ def collect_histograms(
     channel_axes: Optional[Dict[str, int]] = None,
     sample_cap: Optional[int] = SAMPLE_CAP,
     output_budget: int = OUTPUT_BUDGET,
+    samples: Optional[Dict[str, TensorSample]] = None,
+    sample_budget: int = SAMPLE_BUDGET,
 ) -> tuple:
     """Histograms of ``tensors`` over the calibration data, batch by batch.
 
@@ -80,11 +85,14 @@ def collect_histograms(
     ``output_budget``: bytes of observed tensors per onnxruntime run; larger batches are run
     in pieces (the first piece is one sample, to measure the size). Statistics add, so the
     histograms do not depend on how batches are cut.
+    ``samples``: :class:`TensorSample` per tensor, filled with the first samples; their counts
+    are lowered so that together they hold at most ``sample_budget`` bytes.
     """
     input_names = {s.name for s in source.specs}
     observed = [t for t in dict.fromkeys(tensors) if t not in input_names]
     session = make_session(model, observed)
     channel_axes = channel_axes or {}
+    samples = samples if samples is not None else {}
     hists: Dict[str, TensorHistogram] = {t: TensorHistogram(t, channel_axes.get(t)) for t in dict.fromkeys(tensors)}
     observed_inputs = [n for n in hists if n in input_names]
 
@@ -92,9 +100,13 @@ def collect_histograms(
         try:
             for i, name in enumerate(observed):
                 hists[name].update(outs[i], sample_cap)
+                if name in samples:
+                    samples[name].update(outs[i])
                 outs[i] = None  # free each tensor as soon as it is counted
             for name in observed_inputs:
                 hists[name].update(feed[name], sample_cap)
+                if name in samples:
+                    samples[name].update(feed[name])
         except NonFiniteError as exc:
             raise MxqnError(str(exc)) from None
 
@@ -128,6 +140,7 @@ def collect_histograms(
                     raise MxqnError(f"onnxruntime failed on {source.label}: {first}") from None
                 if per_sample is None and m:
                     per_sample = sum(o.nbytes for o in outs) / m
+                    _fit_samples(samples, {k: v for k, v in zip(observed, outs)}, part, m, sample_budget)
                 if pending is not None:
                     pending.result()  # re-raises a worker's error here
                 pending = pool.submit(add, outs, part)
@@ -141,6 +154,18 @@ def collect_histograms(
         if pending is not None:
             pending.result()
     return hists, n_samples, kept
+
+
+def _fit_samples(samples: Dict[str, TensorSample], outs: dict, feed: dict, m: int, budget: int) -> None:
+    """Lower every sample count so the kept samples fit ``budget`` bytes in all."""
+    if not samples:
+        return
+    per = sum((outs[n].nbytes if n in outs else np.asarray(feed[n]).nbytes) / m
+              for n in samples if n in outs or n in feed)
+    if per > 0:
+        cap = max(1, int(budget // per))
+        for s in samples.values():
+            s.count = min(s.count, cap)
 
 
 class _ReusingRunner:

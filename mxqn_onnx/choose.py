@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import correction, quantizers as Q
+from . import correction, objective, quantizers as Q, rounding, unfold
 from .config import QuantConfig
 from .layers import Layer
 from .observers import TensorHistogram
@@ -27,6 +27,12 @@ class WeightDecision:
     sqnr_db: float
     sqnr_tensor_db: float
     sqnr_channel_db: Optional[float]
+    #: "nearest" or "gptq" (data-aware, :mod:`mxqn_onnx.rounding`)
+    rounding: str = "nearest"
+    #: the layer's output SQNR from weight quantization alone, on calibration inputs:
+    #: with round-to-nearest and with the rounding used (None: not measured)
+    output_sqnr_nearest_db: Optional[float] = None
+    output_sqnr_db: Optional[float] = None
 
     def frac_array(self, shape) -> np.ndarray:
         """Fractional lengths broadcastable against a weight of ``shape``."""
@@ -61,6 +67,12 @@ class ActDecision:
     max: float = 0.0
     #: mean of Q(x) - x on the calibration data (used by bias correction)
     mean_error: float = 0.0
+    #: what the quantizer was chosen for: "tensor" (its own SQNR) or "output" (the SQNR at
+    #: the outputs of the layers reading it, :mod:`mxqn_onnx.objective`)
+    objective: str = "tensor"
+    #: under "output": the consumers' output SQNR of this choice and of the tensor-SQNR choice
+    output_sqnr_db: Optional[float] = None
+    output_sqnr_tensor_db: Optional[float] = None
 
     def describe(self) -> str:
         return describe_activation(vars(self))
@@ -81,14 +93,20 @@ class LayerDecision:
     bias_frac: Optional[Union[int, List[int]]] = None
     bias_sqnr_db: Optional[float] = None
     bias_correction: bool = False
+    #: the whole layer's output SQNR on calibration inputs (quantized weights, input and
+    #: bias against FP32), without and with bias correction (None: not measured)
+    output_sqnr_uncorrected_db: Optional[float] = None
+    output_sqnr_db: Optional[float] = None
     notes: List[str] = field(default_factory=list)
     #: the bias to store when it differs from the model's (bias correction); not serialised
     bias_values: Optional[np.ndarray] = field(default=None, repr=False)
+    #: the quantized weight values when not round-to-nearest's (data-aware rounding)
+    weight_values: Optional[np.ndarray] = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["act"] = self.act.tensor
-        del d["bias_values"]
+        del d["bias_values"], d["weight_values"]
         return d
 
 
@@ -165,26 +183,71 @@ def choose_bias(b: np.ndarray, wdec: WeightDecision, act: ActDecision):
     return frac_out, sqnr, note
 
 
+def rows_for_rounding(d: int) -> int:
+    """Input rows sampled to form a layer's ``H`` (fan-in ``d``): more for small layers,
+    bounded so that forming ``H`` costs at most about 2^33 multiply-adds."""
+    return int(np.clip((1 << 33) // max(d * d, 1), 4096, 32768))
+
+
+def _layer_output_sqnr(w_rows, wq_rows, x_rows, xq_rows, b, bq) -> Optional[float]:
+    """SQNR of ``Wq Q(x) + bq`` against ``W x + b`` over the given input rows."""
+    sig = noise = 0.0
+    start = 0
+    for w, wq, x, xq in zip(w_rows, wq_rows, x_rows, xq_rows):
+        ref = x @ w.T
+        out = xq @ wq.T
+        if b is not None:
+            o = len(w)
+            ref = ref + b[start:start + o]
+            out = out + bq[start:start + o]
+            start += o
+        sig += float(np.sum(ref ** 2))
+        noise += float(np.sum((out - ref) ** 2))
+    return Q.sqnr_db(sig, noise)
+
+
 def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig,
-                 mean_in: Optional[np.ndarray] = None) -> LayerDecision:
+                 mean_in: Optional[np.ndarray] = None, sample: Optional[np.ndarray] = None) -> LayerDecision:
     """All decisions for one layer whose input quantizer is ``act``.
 
     With ``config.bias_correction`` and the input's per-channel means, the bias is corrected
     for the mean output shift of weight and input quantization (see :mod:`mxqn_onnx.correction`)
     before its fractional length is chosen; the corrected values travel in
-    ``LayerDecision.bias_values``.
+    ``LayerDecision.bias_values``. With ``sample`` (real inputs of the layer) and
+    ``config.rounding`` the weights are rounded for the layer's output error
+    (:mod:`mxqn_onnx.rounding`), and the layer's output SQNR is measured on those inputs.
     """
     w = layer.weight
     wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db,
                          config.weight_clip)
     dec = LayerDecision(layer.name, layer.op, int(w.size), wdec, act)
+    wq = Q.fxp_quantize(w, wbits, wdec.frac_array(w.shape), True)
+    w_rows = unfold.weight_rows(layer) if sample is not None else None
+    x_rows = None
+    gptq = False
+    if w_rows is not None:
+        d = w_rows[0].shape[1]
+        gptq = config.rounds_with_data(wbits) and d <= rounding.MAX_FAN_IN
+        if config.rounds_with_data(wbits) and not gptq:
+            dec.notes.append(f"fan-in {d} > {rounding.MAX_FAN_IN}: weights rounded to nearest (the "
+                             f"{d}x{d} input moment would take {8 * d * d / 2**20:.0f} MB)")
+        x_rows = unfold.input_rows(layer, sample, rows_for_rounding(d) if gptq else objective.rows_for_scoring(d))
+    if x_rows is not None and gptq:
+        fr = unfold.frac_rows(layer, wdec.frac_array(w.shape), w.shape)
+        res = rounding.round_layer(w_rows, x_rows, wbits, fr) if fr is not None else None
+        if res is not None:
+            wdec.output_sqnr_nearest_db, wdec.output_sqnr_db = res.sqnr_nearest_db, res.sqnr_db
+            if res.used:
+                wq = unfold.rows_to_weight(layer, res.rows, w.shape)
+                wdec.rounding = "gptq"
+                wdec.sqnr_db = Q.sqnr_of(w, wq)
+                dec.weight_values = wq
     b = layer.bias
     can_add_bias = layer.bias_index is None and len(layer.node.inputs) == 2 and layer.op in ("Conv", "Gemm")
     if config.bias_correction and mean_in is not None and (b is not None or can_add_bias):
         if b is None:
             out_axis = 0 if layer.op == "Conv" or int(layer.node.attrs.get("transB", 0)) else 1
             b = np.zeros(w.shape[out_axis], dtype=np.float32)
-        wq = Q.fxp_quantize(w, wbits, wdec.frac_array(w.shape), True)
         shift = correction.output_shift(layer, w, wq, mean_in, act.mean_error)
         if shift is not None:
             b = (b.astype(np.float64) - shift).astype(np.float32)
@@ -196,19 +259,54 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
         dec.bias_frac, dec.bias_sqnr_db, note = choose_bias(b, wdec, act)
         if note:
             dec.notes.append(note)
+    if x_rows is not None:
+        _measure_layer(dec, layer, w_rows, wq, x_rows, b)
     return dec
 
 
+def _measure_layer(dec: LayerDecision, layer: Layer, w_rows, wq: np.ndarray, x_rows, b) -> None:
+    """The layer's output SQNR on its sampled inputs, without and with bias correction."""
+    if float(layer.node.attrs.get("alpha", 1.0)) != 1.0:
+        return
+    n = min(len(x_rows[0]), objective.rows_for_scoring(x_rows[0].shape[1]))
+    xs = [x[:n] for x in x_rows]
+    xq = [dec.act.quantize(x.astype(np.float32)).astype(np.float64) for x in xs]
+    wq_rows = unfold.weight_rows(layer, wq)
+
+    def stored(bias):  # the bias as the quantized model holds it (int32 at bias_frac)
+        if bias is None:
+            return None
+        f = np.broadcast_to(np.asarray(dec.bias_frac, dtype=np.int64), bias.shape)
+        return Q.fxp_quantize(bias, BIAS_BITS, f, True).astype(np.float64)
+
+    b0 = layer.bias
+    zero = None if b is None else np.zeros(b.shape)
+    ref = zero if b0 is None else b0.astype(np.float64)
+    dec.output_sqnr_db = _layer_output_sqnr(w_rows, wq_rows, xs, xq, ref, stored(b) if b is not None else None)
+    if dec.bias_correction:
+        dec.output_sqnr_uncorrected_db = _layer_output_sqnr(
+            w_rows, wq_rows, xs, xq, ref, zero if b0 is None else stored(b0))
+    else:
+        dec.output_sqnr_uncorrected_db = dec.output_sqnr_db
+
+
 def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: QuantConfig,
-               bits: Optional[Sequence[Tuple[int, int]]] = None):
+               bits: Optional[Sequence[Tuple[int, int]]] = None,
+               samples: Optional[Dict[str, np.ndarray]] = None,
+               means: Optional[Dict[str, np.ndarray]] = None):
     """Decisions for every layer; activation quantizers shared by tensor name.
 
     ``bits`` gives each layer's ``(weight bits, activation bits)`` (mixed precision, see
     :mod:`mxqn_onnx.mixed`); without it every layer gets ``wbits``/``abits``, and
     ``keep_first``/``keep_last`` layers get ``keep_bits`` (the float case is handled by the
     caller, which never passes them here). A tensor feeding several layers gets the highest
-    of their activation bit widths.
+    of their activation bit widths. ``samples`` (tensor name -> real calibration inputs)
+    enables the data-aware steps: the layer-output objective for activations
+    (``config.act_objective``), data-aware rounding and per-layer output measurements.
+    ``means`` replaces the measured input channel means of bias correction (BatchNorm
+    priors, :func:`mxqn_onnx.correction.prior_input_means`; tensors missing: no correction).
     """
+    samples = samples or {}
     if bits is not None and len(bits) != len(layers):
         raise ValueError(f"bits has {len(bits)} entries for {len(layers)} layers")
     bits_for: Dict[int, tuple] = {}
@@ -228,8 +326,34 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
         acts = dict(zip(act_bits, pool.map(
             lambda tb: choose_activation(hists[tb[0]], tb[1], config.act_quant, config.log_margin_db),
             act_bits.items())))
+        if config.act_objective == "output" and samples:
+            by_tensor: Dict[str, List[Layer]] = {}
+            for layer in layers:
+                by_tensor.setdefault(layer.data.name, []).append(layer)
+            refined = pool.map(lambda t: _refine(acts[t], hists[t], by_tensor[t], samples.get(t), config),
+                               list(acts))
+            acts = dict(zip(list(acts), refined))
         decisions = list(pool.map(
             lambda il: decide_layer(il[1], acts[il[1].data.name], bits_for[il[0]][0], config,
-                                    hists[il[1].data.name].channel_mean),
+                                    _mean_in(il[1].data.name, hists, means), samples.get(il[1].data.name)),
             enumerate(layers)))
     return decisions, acts
+
+
+def _mean_in(tensor: str, hists: Dict[str, TensorHistogram], means: Optional[Dict[str, np.ndarray]]):
+    return hists[tensor].channel_mean if means is None else means.get(tensor)
+
+
+def _refine(act: ActDecision, hist: TensorHistogram, readers: List[Layer], sample, config: QuantConfig):
+    """``act`` re-chosen for its readers' output SQNR (unchanged without usable samples)."""
+    if sample is None:
+        return act
+    consumers = []
+    for layer in readers:
+        w_rows = unfold.weight_rows(layer)
+        x_rows = None if w_rows is None else \
+            unfold.input_rows(layer, sample, objective.rows_for_scoring(w_rows[0].shape[1]))
+        if x_rows is None:
+            return act  # a reader the objective cannot model: keep the tensor choice
+        consumers.append((w_rows, x_rows))
+    return objective.refine_activation(act, hist, consumers, config.act_quant)

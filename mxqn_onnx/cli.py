@@ -13,7 +13,8 @@ from typing import List, Optional
 from rich.console import Console
 
 from . import __version__
-from .config import ACT_MODES, FORMATS, GRANULARITIES, SENSITIVITIES, QuantConfig
+from .config import (ACT_MODES, AUTO_ROUNDING_MAX_BITS, BIAS_MEANS, EQUALIZE, FORMATS, GRANULARITIES, OBJECTIVES,
+                     ROUNDINGS, SENSITIVITIES, QuantConfig)
 from .data import PREPROCESSING
 from .errors import MxqnError
 
@@ -63,6 +64,21 @@ def _add_convert(sub) -> None:
                         "fill the power-of-two grid; often better at 4-bit weights, see README")
     q.add_argument("--no-bias-correction", action="store_true",
                    help="do not correct biases for the mean output shift that quantization causes")
+    q.add_argument("--bias-means", choices=BIAS_MEANS, default=QuantConfig.bias_means,
+                   help="input channel means for bias correction: calibration data, the preceding "
+                        "BatchNorm (data-free), or auto: batchnorm with --calib random, data otherwise")
+    q.add_argument("--rounding", choices=ROUNDINGS, default=QuantConfig.rounding,
+                   help="weight rounding: nearest, gptq (codes chosen for the layer's output error on "
+                        f"calibration inputs) or auto (gptq at <= {AUTO_ROUNDING_MAX_BITS}-bit weights; default)")
+    q.add_argument("--act-objective", choices=OBJECTIVES, default=QuantConfig.act_objective,
+                   help="choose activation quantizers for their own SQNR (tensor) or for the SQNR at "
+                        f"the outputs of the layers reading them (output); default {QuantConfig.act_objective}")
+    q.add_argument("--equalize", choices=EQUALIZE, default=QuantConfig.equalize,
+                   help="cross-layer equalization before calibration: off, pow2 (exact) or float; "
+                        f"default {QuantConfig.equalize}")
+    q.add_argument("--data-samples", type=int, default=QuantConfig.data_samples, metavar="N",
+                   help="calibration samples whose layer inputs feed rounding and --act-objective output "
+                        f"(default {QuantConfig.data_samples}, capped at 256 MB)")
     _add_mixed_args(p)
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE", help="also write the report as JSON")
@@ -251,6 +267,8 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         verify=not args.no_verify, verify_count=args.verify_count,
         bias_correction=not args.no_bias_correction, weight_clip=args.weight_clip,
         align_channels=args.align_channels, allow_empty=args.allow_empty,
+        bias_means=args.bias_means, rounding=args.rounding, act_objective=args.act_objective,
+        equalize=args.equalize, data_samples=args.data_samples,
         format=args.format, opset=args.opset,
         target_sqnr_db=args.target_sqnr, avg_wbits=args.avg_wbits, avg_abits=args.avg_abits,
         max_size_mb=args.max_size, max_accuracy_drop=args.max_accuracy_drop, bits_set=args.bits_set,

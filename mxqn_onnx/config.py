@@ -12,6 +12,12 @@ ACT_MODES = ("auto", "fixed", "log")
 FORMATS = ("mxqn", "qdq")
 MIN_BITS, MAX_BITS = 2, 16
 SENSITIVITIES = ("quantizer", "noise", "none")
+ROUNDINGS = ("nearest", "gptq", "auto")
+OBJECTIVES = ("tensor", "output")
+EQUALIZE = ("off", "pow2", "float")
+BIAS_MEANS = ("auto", "data", "batchnorm")
+#: under rounding="auto", data-aware rounding is used at or below this weight width
+AUTO_ROUNDING_MAX_BITS = 6
 
 
 @dataclass
@@ -36,6 +42,10 @@ class QuantConfig:
         verify_count: samples used for that measurement.
         bias_correction: subtract from each bias the mean output shift that weight
             quantization causes, estimated from the calibration inputs' channel means.
+        bias_means: where bias correction takes each layer input's channel means from:
+            ``data`` (calibration), ``batchnorm`` (analytically from the BatchNorm before it,
+            data-free; layers without one are not corrected) or ``auto`` (batchnorm when the
+            calibration data is synthetic, ``--calib random``; data otherwise).
         weight_clip: let a weight's fractional length go past the no-overflow length when
             that raises the weight tensor's SQNR (clipping its largest values). Off by
             default: it raises weight SQNR but lowers output SQNR at low bit widths.
@@ -43,6 +53,18 @@ class QuantConfig:
             unchanged) so each channel's weights fill its power-of-two grid; see
             :mod:`mxqn_onnx.align`. Off by default: measured +1.7 to +3.4 dB on ResNet34 and
             VGG19 at 4-bit weights but -0.6 to -1.7 dB on ResNet18 and at 8 bits.
+        rounding: how weights are rounded onto their grid: ``nearest``, ``gptq`` (each code
+            chosen for the layer's output error on calibration inputs, see
+            :mod:`mxqn_onnx.rounding`) or ``auto`` (gptq at or below 6-bit weights).
+        act_objective: what an activation quantizer is chosen for: ``tensor`` (its own SQNR,
+            the paper's rule) or ``output`` (the SQNR at the outputs of the layers reading
+            it, see :mod:`mxqn_onnx.objective`).
+        equalize: cross-layer equalization before calibration (:mod:`mxqn_onnx.align`):
+            ``off``, ``pow2`` (power-of-two factors: the FP32 function is exactly kept) or
+            ``float``.
+        data_samples: calibration samples whose layer inputs are kept for the data-aware
+            steps (rounding, the output objective, per-layer output measurements); fewer
+            when they would exceed 256 MB.
         allow_empty: when no layer can be quantized, still write the model (with the mxqn
             metadata listing why every layer stayed float) instead of refusing.
         format: output format: ``mxqn`` (Cast/Mul weights, custom quantizer nodes) or ``qdq``
@@ -83,8 +105,13 @@ class QuantConfig:
     verify: bool = True
     verify_count: int = 256
     bias_correction: bool = True
+    bias_means: str = "auto"
     weight_clip: bool = False
     align_channels: bool = False
+    rounding: str = "auto"
+    act_objective: str = "tensor"
+    equalize: str = "off"
+    data_samples: int = 128
     allow_empty: bool = False
     format: str = "mxqn"
     opset: Optional[int] = None
@@ -118,6 +145,12 @@ class QuantConfig:
             newest = onnx.defs.onnx_opset_version()
             if not isinstance(self.opset, int) or isinstance(self.opset, bool) or not 13 <= self.opset <= newest:
                 raise MxqnError(f"opset must be an integer from 13 to {newest}, got {self.opset!r}")
+        for name, allowed in (("rounding", ROUNDINGS), ("act_objective", OBJECTIVES), ("equalize", EQUALIZE),
+                              ("bias_means", BIAS_MEANS)):
+            if getattr(self, name) not in allowed:
+                raise MxqnError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not isinstance(self.data_samples, int) or isinstance(self.data_samples, bool) or self.data_samples < 0:
+            raise MxqnError(f"data_samples must be a non-negative integer, got {self.data_samples!r}")
         if self.act_quant not in ACT_MODES:
             raise MxqnError(f"act_quant must be one of {', '.join(ACT_MODES)}, got {self.act_quant!r}")
         for name in ("channel_gain_db", "log_margin_db"):
@@ -172,6 +205,20 @@ class QuantConfig:
                 raise MxqnError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
             raise MxqnError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
+
+    def rounds_with_data(self, wbits: int) -> bool:
+        """Whether weights of ``wbits`` get data-aware rounding."""
+        return self.rounding == "gptq" or (self.rounding == "auto" and wbits <= AUTO_ROUNDING_MAX_BITS)
+
+    @property
+    def uses_samples(self) -> bool:
+        """Whether calibration keeps real layer inputs (for rounding / the output objective)."""
+        if self.data_samples == 0:
+            return False
+        # mixed precision may give any layer a width from bits_set
+        widths = self.bits_set if self.allocates_weights else \
+            (self.wbits,) + ((self.keep_bits,) if self.keep_first or self.keep_last else ())
+        return self.act_objective == "output" or any(self.rounds_with_data(b) for b in widths)
 
     @property
     def allocates_weights(self) -> bool:

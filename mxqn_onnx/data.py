@@ -105,6 +105,7 @@ class DataSource:
         self.reiterable = reiterable
         self.label = label
         self.labels = labels
+        self.synthetic = False  # True for generated (random) data
 
     def batches(self, limit: Optional[int] = None) -> Iterator[Feed]:
         """Checked batches, stopping after ``limit`` samples."""
@@ -295,7 +296,9 @@ def _random_source(specs, batch_size, count, label) -> DataSource:
             yield {s.name: rng.standard_normal((b,) + tuple(224 if d is None else d for d in s.shape[1:]))
                    .astype(s.dtype) for s in specs}
 
-    return DataSource(gen, specs, n, True, label)
+    source = DataSource(gen, specs, n, True, label)
+    source.synthetic = True  # says nothing about the real input distribution
+    return source
 
 
 def _from_reader(reader, specs) -> DataSource:

@@ -189,3 +189,40 @@ class TensorHistogram:
         h.counts = np.asarray(state["counts"], dtype=np.int64).copy()
         h.min, h.max = float(state["min"]), float(state["max"])
         return h
+
+
+class TensorSample:
+    """The first ``count`` samples (batch rows) of a tensor, copied out of each batch.
+
+    The data-aware steps (rounding, the layer-output objective) need real input patches, not
+    only a histogram. Samples add along the batch axis, so they merge like histograms (up to
+    ``count``); ``count`` can be lowered once the per-sample size is known (a memory budget).
+    """
+
+    def __init__(self, name: str = "", count: int = 0) -> None:
+        self.name = name
+        self.count = count
+        self.parts: list = []
+        self.have = 0
+
+    def update(self, x: np.ndarray) -> None:
+        """Keep the leading rows of ``x`` until ``count`` samples are held (always a copy:
+        calibration reuses its output buffers)."""
+        if self.have >= self.count or np.ndim(x) == 0:
+            return
+        take = np.array(x[: self.count - self.have], dtype=np.float32)
+        self.parts.append(take)
+        self.have += len(take)
+
+    def merge(self, other: "TensorSample") -> "TensorSample":
+        for part in other.parts:
+            self.update(part)
+        return self
+
+    def array(self) -> Optional[np.ndarray]:
+        """All kept samples as one array (None when nothing was kept)."""
+        if not self.parts:
+            return None
+        if len(self.parts) > 1 and any(p.shape[1:] != self.parts[0].shape[1:] for p in self.parts):
+            return self.parts[0]  # dynamic shapes: the first batch's shape only
+        return np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]

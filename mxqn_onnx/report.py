@@ -44,6 +44,47 @@ def layer_table(report: dict, title: Optional[str] = None) -> Table:
     return t
 
 
+def _change(before, after) -> str:
+    if before is None and after is None:
+        return "-"
+    return f"{_db(before)} -> {_db(after)}"
+
+
+def technique_table(report: dict) -> Optional[Table]:
+    """Per layer, what each low-bit technique bought, as before -> after dB (None: none ran).
+
+    Columns: weight SQNR before/after cross-layer equalization; the layer's output SQNR from
+    weight quantization with round-to-nearest / the rounding used; its readers' output SQNR
+    with the tensor-SQNR / output-SQNR activation choice; the whole layer's output SQNR
+    without / with bias correction (all on calibration inputs).
+    """
+    acts = {a["tensor"]: a for a in report["activations"]}
+    eq = (report.get("equalization") or {}).get("weight_sqnr_db") or {}
+    layers = report["layers"]
+    measured = any(l.get("output_sqnr_db") is not None or l["weight"].get("output_sqnr_db") is not None
+                   for l in layers)
+    if not measured and not eq:
+        return None
+    t = Table(title="low-bit techniques per layer (dB, before -> after)", header_style="bold")
+    t.add_column("layer", overflow="fold", min_width=24)
+    for col in ("equalization W", "rounding", "act objective", "bias correction"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for layer in layers:
+        w, a = layer["weight"], acts[layer["act"]]
+        e = eq.get(layer["name"]) or {}
+        rounding = _change(w.get("output_sqnr_nearest_db"), w.get("output_sqnr_db"))
+        if w.get("rounding", "nearest") != "nearest":
+            rounding += f" ({w['rounding']})"
+        objective = "-" if a.get("objective", "tensor") == "tensor" else \
+            _change(a.get("output_sqnr_tensor_db"), a.get("output_sqnr_db"))
+        bias = _change(layer.get("output_sqnr_uncorrected_db"), layer.get("output_sqnr_db")) \
+            if layer.get("bias_correction") else ("-" if layer.get("output_sqnr_db") is None
+                                                   else f"off ({_db(layer['output_sqnr_db'])})")
+        t.add_row(layer["name"], _change(e.get("before"), e.get("after")) if e else "-",
+                  rounding, objective, bias)
+    return t
+
+
 def summary_lines(report: dict) -> list:
     """Model-level lines: split of quantizers, predicted/measured SQNR, sizes, float layers."""
     acts = report["activations"]
@@ -68,6 +109,15 @@ def summary_lines(report: dict) -> list:
     if size and size.get("packed_weights"):
         lines.append(f"packed weight storage (weights at their widths + int32 biases): "
                      f"{size['packed_weights'] / 1e6:.4f} MB")
+    eq = report.get("equalization")
+    if eq:
+        lines.append(f"cross-layer equalization ({eq['mode']}): {eq['pairs']} layer pairs, "
+                     f"{eq['channels']} channels rescaled")
+    cfg = report.get("config") or {}
+    if cfg:
+        lines.append(f"techniques: bias correction {'on (' + str(report.get('bias_means', 'data')) + ' means)' if cfg.get('bias_correction') else 'off'}, "
+                     f"rounding {cfg.get('rounding', 'nearest')}, activation objective "
+                     f"{cfg.get('act_objective', 'tensor')}, equalization {cfg.get('equalize', 'off')}")
     for s in report["float_layers"]:
         lines.append(f"left in float: {s['name']} ({s['op']}): {s['reason']}")
     lines.extend(allocation_lines(report.get("allocation")))
@@ -129,5 +179,8 @@ def load_report(path) -> tuple:
 def print_report(report: dict, console: Optional[Console] = None, title: Optional[str] = None) -> None:
     console = console or Console()
     console.print(layer_table(report, title))
+    techniques = technique_table(report)
+    if techniques is not None:
+        console.print(techniques)
     for line in summary_lines(report):
         console.print(line, highlight=False, markup=False)

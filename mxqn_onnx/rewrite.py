@@ -98,7 +98,8 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
         wd = dec.weight
         frac = wd.frac_array(w.shape)
         wcont = container_for(wd.bits, True, opset)
-        codes = Q.fxp_codes(w, wd.bits, frac, True)
+        # data-aware rounding chose the grid values itself; they are exact multiples of 2^-f
+        codes = Q.fxp_codes(w if dec.weight_values is None else dec.weight_values, wd.bits, frac, True)
         if fmt == "qdq" and qdq_supports(wd.bits, opset):
             node.inputs[layer.weight_index] = qdq.dequantize_constant(
                 graph, f"{dec.name}.weight", codes, wd.frac, wd.axis, wcont, retype)

@@ -49,7 +49,22 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = ("W8A8", "W6A6", "W5A5", "W4A8", "W4A4")
-MXQN_METHODS = {"mxqn-auto": "auto", "mxqn-fixed": "fixed", "mxqn-log": "log"}
+#: MXQN configurations: the defaults, the two single-quantizer modes, and one row per low-bit
+#: technique on top of the paper's method alone (``mxqn-paper``: no bias correction, round to
+#: nearest, tensor-SQNR activations, no equalization), so each row shows what that technique buys
+PAPER = {"bias_correction": False, "rounding": "nearest"}
+MXQN_METHODS = {
+    "mxqn-auto": {},
+    "mxqn-fixed": {"act_quant": "fixed"},
+    "mxqn-log": {"act_quant": "log"},
+    "mxqn-paper": PAPER,
+    "mxqn-paper+biascorr": {**PAPER, "bias_correction": True},
+    "mxqn-paper+equalize": {**PAPER, "equalize": "pow2"},
+    "mxqn-paper+gptq": {**PAPER, "rounding": "gptq"},
+    "mxqn-paper+outobj": {**PAPER, "act_objective": "output"},
+    "mxqn-all": {"rounding": "gptq", "act_objective": "output"},
+}
+TECHNIQUES = [k for k in MXQN_METHODS if k.startswith("mxqn-paper+")]
 ORT_CALIB = ("MinMax", "Entropy", "Percentile")
 ORT_METHODS = tuple(f"ort-{c.lower()}-{g}" for c in ORT_CALIB for g in ("tensor", "channel"))
 BATCH = 16
@@ -200,8 +215,8 @@ def accuracy_part(zoo: Path, names: Sequence[str], bits: Sequence[str], methods:
                 t0 = time.perf_counter()
                 try:
                     if method in MXQN_METHODS:
-                        res = mxqn_onnx.quantize(path, calib, wbits=wb, abits=ab,
-                                                 act_quant=MXQN_METHODS[method], verify=False)
+                        res = mxqn_onnx.quantize(path, calib, wbits=wb, abits=ab, verify=False,
+                                                 **MXQN_METHODS[method])
                         q = res.model
                         n_log = sum(a.kind == "log" for a in res.activations.values())
                         row["log_activations"] = f"{n_log}/{len(res.activations)}"
@@ -406,6 +421,22 @@ def targets(acc: List[dict], cost: Optional[dict]) -> List[dict]:
             elif any(r["model"] == m and r["bits"] == "W4A4" and r["method"].startswith("ort-") for r in acc):
                 out.append({"target": f"{m} W4A4 SQNR >= onnxruntime's best + 3 dB",
                             "value": "onnxruntime fails at W4A4 (see table)", "pass": None})
+        for bits in ("W4A8", "W6A6"):
+            mx = _get(acc, m, bits, "mxqn-auto")
+            if fp and mx and "error" not in mx:
+                drop = (fp["top1"] - mx["top1"]) * 100
+                out.append({"target": f"{m} {bits} top-1 within 1 pt of FP32", "value": f"{-drop:+.2f} pt",
+                            "pass": drop <= 1.0})
+        paper8 = _get(acc, m, "W8A8", "mxqn-paper")
+        if paper8 and "error" not in paper8:
+            for tech in TECHNIQUES + ["mxqn-all", "mxqn-auto"]:
+                r = _get(acc, m, "W8A8", tech)
+                if r and "error" not in r:
+                    # 0.1 dB: the run-to-run spread of float32 summation in onnxruntime
+                    out.append({"target": f"{m} W8A8: {tech} does not lower the paper's result",
+                                "value": f"{r['sqnr_db']:.2f} vs {paper8['sqnr_db']:.2f} dB, top-1 "
+                                         f"{(r['top1'] - paper8['top1']) * 100:+.2f} pt",
+                                "pass": r["sqnr_db"] >= paper8["sqnr_db"] - 0.1 and r["top1"] >= paper8["top1"]})
     if cost:
         by = {(r["kind"], r["samples"]): r for r in cost["runs"]}
         rss = []
@@ -461,6 +492,7 @@ def accuracy_tables(acc: List[dict]) -> Dict[str, List[List[str]]]:
 
 def summary_table(acc: List[dict]) -> List[List[str]]:
     """One row per (model, bits): FP32, each MXQN mode and onnxruntime's best configuration."""
+    modes = ("mxqn-auto", "mxqn-fixed", "mxqn-log")
     t = [["model", "bits", "FP32 top-1", "MXQN auto", "MXQN fixed", "MXQN log", "onnxruntime best (of 6)"]]
     short = lambda r: "n/a" if r is None else ("error" if "error" in r else  # noqa: E731
                                                 f"{r['top1'] * 100:.1f}% / {_db(r['sqnr_db'])}")
@@ -478,7 +510,30 @@ def summary_table(acc: List[dict]) -> List[List[str]]:
             else:
                 ort_cell = "not run"
             t.append([m, bits, f"{fp['top1'] * 100:.1f}%" if fp else "",
-                      *(short(_get(acc, m, bits, k)) for k in MXQN_METHODS), ort_cell])
+                      *(short(_get(acc, m, bits, k)) for k in modes), ort_cell])
+    return t
+
+
+def technique_table(acc: List[dict]) -> List[List[str]]:
+    """One row per (model, bits): the paper's method alone, then each technique added to it alone,
+    all of them, and the defaults; cells are output SQNR (dB) and its change from the paper row."""
+    cols = ["mxqn-paper", *TECHNIQUES, "mxqn-all", "mxqn-auto"]
+    if not any(r["method"] in cols[:-1] for r in acc):
+        return []
+    t = [["model", "bits", "paper", *(c[len("mxqn-paper+"):] for c in TECHNIQUES), "all", "default"]]
+    for m in dict.fromkeys(r["model"] for r in acc):
+        for bits in [b for b in BITS if any(r["model"] == m and r["bits"] == b for r in acc)]:
+            base = _get(acc, m, bits, "mxqn-paper")
+            cells = []
+            for c in cols:
+                r = _get(acc, m, bits, c)
+                if r is None or "error" in r:
+                    cells.append("n/a" if r is None else "error")
+                elif c == "mxqn-paper" or base is None or "error" in base:
+                    cells.append(f"{r['sqnr_db']:.1f}")
+                else:
+                    cells.append(f"{r['sqnr_db']:.1f} ({r['sqnr_db'] - base['sqnr_db']:+.1f})")
+            t.append([m, bits, *cells])
     return t
 
 
@@ -685,6 +740,11 @@ def render(result: dict, out: Path) -> None:
         st = summary_table(acc)
         print_table("summary: test top-1 / output SQNR vs FP32", st)
         md.append("**summary: test top-1 / output SQNR vs FP32**\n\n" + markdown(st))
+        tech = technique_table(acc)
+        if tech:
+            title = "low-bit techniques: output SQNR (dB) of the paper's method alone and with each technique added"
+            print_table(title, tech)
+            md.append(f"**{title}**\n\n" + markdown(tech))
         for bits_tag, t in accuracy_tables(acc).items():
             title = f"{bits_tag}: test top-1 / output SQNR vs FP32 / top-1 agreement"
             print_table(title, t)
@@ -699,7 +759,7 @@ def render(result: dict, out: Path) -> None:
     tt = [["target", "measured", "result"]] + [
         [t["target"], t["value"], "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "MISS")]
         for t in result["targets"]]
-    print_table("targets (issue 3)", tt)
+    print_table("targets (issues 3 and 7)", tt)
     (out / "targets.md").write_text(markdown(tt))
     (out / "bench.json").write_text(json.dumps(finite(result), indent=1) + "\n")
     print(f"wrote {out}/bench.json, accuracy.md, cost.md, targets.md and plots in {result.get('seconds')} s")
