@@ -6,6 +6,8 @@ verify. The CLI is a thin layer over this module.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import sys
@@ -28,7 +30,7 @@ from .data import CalibrationLike, input_specs, make_source
 from .errors import MxqnError, first_line
 from .layers import Skipped, find_layers
 from .containers import weight_container
-from .loading import MIN_OPSET, ModelLike, default_opset, load_model, normalise
+from .loading import METADATA_KEY, MIN_OPSET, ModelLike, default_opset, load_model, normalise
 from .measure import Comparison, compare
 from .quantizers import combine_sqnr_db
 from .rewrite import FORMAT_VERSION, rewrite
@@ -317,6 +319,33 @@ def quantize(
     specs = input_specs(source_model)
     source = make_source(calibration, specs, config.batch_size, preprocess, image_size,
                          random_count=config.calib_count)
+    if config.equalize == "off" or not config.verify or not source.reiterable:
+        return _quantize(source_model, source, config, t0, progress, validation)
+    # Equalization changes every activation range, so whether it helps is only known after
+    # quantizing: convert with and without it and keep the better measured output SQNR.
+    with_eq = _quantize(source_model, source, config, t0, progress, validation)
+    without = _quantize(source_model, source, dataclasses.replace(config, equalize="off"),
+                        time.perf_counter(), progress, validation)
+    kept = with_eq.measured_sqnr_db >= without.measured_sqnr_db
+    result = with_eq if kept else without
+    result.equalization = {**with_eq.equalization, "kept": kept,
+                           "measured_with_db": with_eq.measured_sqnr_db,
+                           "measured_without_db": without.measured_sqnr_db}
+    _set_metadata(result.model, result.decisions())
+    result.timings["convert_total"] = time.perf_counter() - t0
+    return result
+
+
+def _set_metadata(model: onnx.ModelProto, decisions: dict) -> None:
+    """Replace the stored decisions (the ``mxqn`` metadata entry) of a converted model."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = json.dumps(decisions, sort_keys=True)
+
+
+def _quantize(source_model: onnx.ModelProto, source, config: QuantConfig, t0: float, progress: bool,
+              validation) -> QuantResult:
+    """One conversion of a loaded model (see :func:`quantize`)."""
     upgraded = raise_opset(source_model, config.opset)
     use_priors = config.bias_correction and (
         config.bias_means == "batchnorm" or (config.bias_means == "auto" and source.synthetic))
@@ -407,6 +436,8 @@ def quantize(
     result.timings = {
         "load": t_load - t0, "calibrate": t_calib - t_load, "mixed_precision": t_mixed - t_calib,
         "choose": t_choose - t_mixed,
+        # summed over layers (they run on several threads, so it can exceed "choose")
+        "rounding_layer_seconds": sum(d.rounding_seconds for d in decisions),
         "rewrite": t_rewrite - t_choose, "convert_total": t_rewrite - t0, "verify": t_verify - t_rewrite,
     }
     return result

@@ -4,6 +4,7 @@ activations fixed point or log, bias int32."""
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -102,11 +103,13 @@ class LayerDecision:
     bias_values: Optional[np.ndarray] = field(default=None, repr=False)
     #: the quantized weight values when not round-to-nearest's (data-aware rounding)
     weight_values: Optional[np.ndarray] = field(default=None, repr=False)
+    #: seconds spent in data-aware rounding (timing, not serialised: outputs stay reproducible)
+    rounding_seconds: float = field(default=0.0, repr=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["act"] = self.act.tensor
-        del d["bias_values"], d["weight_values"]
+        del d["bias_values"], d["weight_values"], d["rounding_seconds"]
         return d
 
 
@@ -234,7 +237,9 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
         x_rows = unfold.input_rows(layer, sample, rows_for_rounding(d) if gptq else objective.rows_for_scoring(d))
     if x_rows is not None and gptq:
         fr = unfold.frac_rows(layer, wdec.frac_array(w.shape), w.shape)
+        t0 = time.perf_counter()
         res = rounding.round_layer(w_rows, x_rows, wbits, fr) if fr is not None else None
+        dec.rounding_seconds = time.perf_counter() - t0
         if res is not None:
             wdec.output_sqnr_nearest_db, wdec.output_sqnr_db = res.sqnr_nearest_db, res.sqnr_db
             if res.used:
@@ -248,7 +253,7 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
         if b is None:
             out_axis = 0 if layer.op == "Conv" or int(layer.node.attrs.get("transB", 0)) else 1
             b = np.zeros(w.shape[out_axis], dtype=np.float32)
-        shift = correction.output_shift(layer, w, wq, mean_in, act.mean_error)
+        shift = correction.output_shift(layer, w, wq, mean_in, _input_mean_error(layer, act, sample, mean_in))
         if shift is not None:
             b = (b.astype(np.float64) - shift).astype(np.float32)
             dec.bias_values = b
@@ -262,6 +267,21 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     if x_rows is not None:
         _measure_layer(dec, layer, w_rows, wq, x_rows, b)
     return dec
+
+
+def _input_mean_error(layer: Layer, act: ActDecision, sample: Optional[np.ndarray], mean_in: np.ndarray):
+    """Mean of ``Q(x) - x`` per input channel, from the kept samples when there are any.
+
+    A coarse quantizer zeroes a small-valued channel (error ``-E[x_c]``) while barely moving a
+    large one: one tensor-wide mean error (the histogram's, used without samples) spreads that
+    over every channel.
+    """
+    axis = correction.input_channel_axis(layer)
+    if sample is None or axis is None or sample.ndim <= axis or sample.shape[axis] != len(mean_in):
+        return act.mean_error
+    err = act.quantize(sample) - sample
+    other = tuple(i for i in range(err.ndim) if i != axis)
+    return err.mean(axis=other, dtype=np.float64)
 
 
 def _measure_layer(dec: LayerDecision, layer: Layer, w_rows, wq: np.ndarray, x_rows, b) -> None:

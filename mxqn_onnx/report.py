@@ -109,15 +109,24 @@ def summary_lines(report: dict) -> list:
     if size and size.get("packed_weights"):
         lines.append(f"packed weight storage (weights at their widths + int32 biases): "
                      f"{size['packed_weights'] / 1e6:.4f} MB")
+    n_gptq = sum(1 for l in report["layers"] if l["weight"].get("rounding") == "gptq")
+    t_round = (report.get("timing_s") or {}).get("rounding_layer_seconds")
+    if n_gptq:
+        lines.append(f"data-aware rounding (gptq) kept in {n_gptq} of {len(report['layers'])} layers"
+                     + (f"; {t_round:.1f} s of rounding (summed over layers)" if t_round else ""))
     eq = report.get("equalization")
     if eq:
-        lines.append(f"cross-layer equalization ({eq['mode']}): {eq['pairs']} layer pairs, "
-                     f"{eq['channels']} channels rescaled")
+        line = f"cross-layer equalization ({eq['mode']}): {eq['pairs']} layer pairs, {eq['channels']} channels rescaled"
+        if "kept" in eq:
+            line += (f"; {'kept' if eq['kept'] else 'not kept'}: measured {_db(eq['measured_with_db'])} dB with it, "
+                     f"{_db(eq['measured_without_db'])} dB without")
+        lines.append(line)
     cfg = report.get("config") or {}
     if cfg:
-        lines.append(f"techniques: bias correction {'on (' + str(report.get('bias_means', 'data')) + ' means)' if cfg.get('bias_correction') else 'off'}, "
-                     f"rounding {cfg.get('rounding', 'nearest')}, activation objective "
-                     f"{cfg.get('act_objective', 'tensor')}, equalization {cfg.get('equalize', 'off')}")
+        bias = f"on ({report.get('bias_means', 'data')} means)" if cfg.get("bias_correction") else "off"
+        lines.append(f"techniques: bias correction {bias}, rounding {cfg.get('rounding', 'nearest')}, "
+                     f"activation objective {cfg.get('act_objective', 'tensor')}, "
+                     f"equalization {cfg.get('equalize', 'off')}")
     for s in report["float_layers"]:
         lines.append(f"left in float: {s['name']} ({s['op']}): {s['reason']}")
     lines.extend(allocation_lines(report.get("allocation")))

@@ -219,5 +219,10 @@ def test_cli_reports_every_technique_per_layer(tmp_path, digits_model, digits_ca
         assert layer["output_sqnr_db"] is not None and layer["output_sqnr_uncorrected_db"] is not None
         assert r["equalization"]["weight_sqnr_db"][layer["name"]]["after"] is not None
     assert all(a["objective"] == "output" for a in r["activations"])
+    # converted with and without equalization; the better measured one was written
+    eq = r["equalization"]
+    assert r["measured"]["output_sqnr_db"] == pytest.approx(max(eq["measured_with_db"], eq["measured_without_db"]), abs=1e-3)
+    assert eq["kept"] == (eq["measured_with_db"] >= eq["measured_without_db"])
+    assert ("not kept" in res.stdout) != eq["kept"]
     bad = run_cli("convert", str(digits_model), str(out), "--calib", str(digits_calib), "--rounding", "best")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
