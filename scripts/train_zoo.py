@@ -1,9 +1,10 @@
-"""Train the MXQN paper's networks (VGG16/19, ResNet18/34/50) and export them to ONNX.
+"""Train the MXQN paper's networks (VGG16/19, ResNet18/34/50) and a MobileNetV2, export them to ONNX.
 
 The networks are defined here (no torchvision) with CIFAR-style 32x32 stems (3x3 first
 convolution, no stride-2 stem, no max-pool stem) and widths reduced so that each trains in
 minutes on two CPU cores. Every convolution is followed by BatchNorm, which the exports keep
-(mxqn-onnx folds it itself).
+(mxqn-onnx folds it itself). Besides the paper's five, ``mobilenetv2`` (a small MobileNetV2 with
+plain ReLU, see ``MobileNetV2``) puts depthwise convolutions in the zoo.
 
 Data (first one given wins):
 
@@ -17,7 +18,7 @@ Data (first one given wins):
   meant for subsets.
 
 Written to ``--out`` (default ``cache/zoo``, git-ignored), per model ``<name>`` (for example
-``digits_resnet18``):
+``digits_resnet18``; ``digits_mobilenetv2`` for the MobileNetV2):
 
 * ``<name>.onnx``: TorchScript exporter, opset 13, dynamic batch, BatchNormalization kept
   (``do_constant_folding=False``, ``training=EVAL``);
@@ -25,7 +26,9 @@ Written to ``--out`` (default ``cache/zoo``, git-ignored), per model ``<name>`` 
 * ``<dataset>_calib.npz`` (``input``: 256 train samples) and ``<dataset>_test.npz``
   (``input``, ``labels``: the whole test split);
 * ``zoo.json``: FP32 test top-1 of each model (torch and onnxruntime), sizes, training time.
-  A full run on digits also copies this record to ``models/zoo.json`` (small, tracked).
+  An existing ``zoo.json`` is updated, not replaced: training a subset (``--models``) adds or
+  refreshes only those entries and keeps the others. A full run on digits also copies this
+  record to ``models/zoo.json`` (small, tracked).
 
 ``--resnet50-224`` additionally writes ``resnet50_224.onnx``: an ImageNet-sized ResNet-50
 (224x224, 1000 classes, random weights with BatchNorm statistics set from one random batch)
@@ -33,7 +36,8 @@ and ``resnet50_224_calib.npy`` (random normal inputs) for speed and memory measu
 
 Usage::
 
-    python scripts/train_zoo.py                      # the five models on digits (+ ResNet-50-224)
+    python scripts/train_zoo.py                      # the six models on digits (+ ResNet-50-224)
+    python scripts/train_zoo.py --models mobilenetv2 --no-resnet50-224   # add one model to zoo.json
     python scripts/train_zoo.py --quick              # CI: resnet18 (width 8), one epoch, no dynamo
     python scripts/train_zoo.py --models vgg16,resnet18 --epochs 5
     python scripts/train_zoo.py --cifar10 ~/data/cifar-10-batches-py --epochs 30
@@ -63,7 +67,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 N_CALIB = 256
-ALL_MODELS = ("vgg16", "vgg19", "resnet18", "resnet34", "resnet50")
+ALL_MODELS = ("vgg16", "vgg19", "resnet18", "resnet34", "resnet50")  # the MXQN paper's networks
+EXTRA_MODELS = ("mobilenetv2",)  # beyond the paper: depthwise convolutions
+ZOO_MODELS = ALL_MODELS + EXTRA_MODELS
 
 # --------------------------------------------------------------------------- networks
 
@@ -169,14 +175,73 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion conv + BN + ReLU (absent when ``expand == 1``, as in the
+    paper), 3x3 depthwise conv (``groups`` = channels) + BN + ReLU, 1x1 linear projection + BN,
+    and a residual Add (no activation after it) when the stride is 1 and the channels match."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: List[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU()]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU(), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return x + y if self.residual else y
+
+
+# (expansion, channels as a multiple of the stem width, blocks, stride of the first block):
+# 16-24-32-64 channels at the default width 16; the three stride-2 stages take 32x32 to 4x4.
+MBV2_CFG = [(1, 1.0, 1, 1), (4, 1.5, 2, 2), (4, 2.0, 3, 2), (4, 4.0, 3, 2)]
+
+
+class MobileNetV2(nn.Module):
+    """Small CIFAR-style MobileNetV2 (Sandler et al. 2018): 3x3 stem conv (stride 1) + BN + ReLU,
+    nine inverted-residual blocks (``MBV2_CFG``), 1x1 conv to ``8 * base`` + BN + ReLU, global
+    average pool, Linear.
+
+    Plain ReLU instead of MobileNetV2's ReLU6, on purpose: ReLU6 exports as a Clip, and a clip at
+    6 does not commute with per-channel rescaling, so it would block the cross-layer equalization
+    mxqn-onnx can apply (``--equalize``) across conv -> activation -> conv pairs. Nagel et al.
+    (2019, data-free quantization) replaced ReLU6 by ReLU for the same reason.
+    """
+
+    def __init__(self, base: int, in_ch: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU())
+        blocks: List[nn.Module] = []
+        c = base
+        for expand, mult, n, stride in MBV2_CFG:
+            cout = int(round(base * mult))
+            for j in range(n):
+                blocks.append(InvertedResidual(c, cout, stride if j == 0 else 1, expand))
+                c = cout
+        self.blocks = nn.Sequential(*blocks)
+        head = 8 * base
+        self.head = nn.Sequential(nn.Conv2d(c, head, 1, bias=False), nn.BatchNorm2d(head), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(head, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.head(self.blocks(self.stem(x)))), 1))
+
+
 def build(name: str, in_ch: int, num_classes: int, image: int, width: Optional[int] = None) -> nn.Module:
     """One zoo network. ``width`` overrides the reduced base width (the paper's is 64)."""
     if name in VGG_CFG:
         return VGG(VGG_CFG[name], width or 8, in_ch, num_classes, image)
+    if name == "mobilenetv2":
+        return MobileNetV2(width or 16, in_ch, num_classes)
     specs = {"resnet18": (BasicBlock, (2, 2, 2, 2), 16), "resnet34": (BasicBlock, (3, 4, 6, 3), 16),
              "resnet50": (Bottleneck, (3, 4, 6, 3), 8)}
     if name not in specs:
-        raise SystemExit(f"unknown model '{name}'; choose from {', '.join(ALL_MODELS)}")
+        raise SystemExit(f"unknown model '{name}'; choose from {', '.join(ZOO_MODELS)}")
     block, counts, base = specs[name]
     return ResNet(block, counts, width or base, in_ch, num_classes)
 
@@ -396,6 +461,37 @@ def build_resnet50_224(out: Path) -> dict:
     return info
 
 
+def _replace_atomically(path: Path, write) -> None:
+    """``write(fh)`` into a temporary file next to ``path``, then rename it over ``path``, so that
+    readers running meanwhile (benchmarks) never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez_compressed``, skipped when ``path`` already holds exactly these arrays (the split
+    is fixed, so re-running for one model leaves the shared calibration/test files untouched)."""
+    if path.exists():
+        try:
+            with np.load(path) as old:
+                if set(old.files) == set(arrays) and all(
+                        old[k].dtype == v.dtype and np.array_equal(old[k], v) for k, v in arrays.items()):
+                    return
+        except Exception:  # noqa: BLE001 -- unreadable: rewrite it
+            pass
+    _replace_atomically(path, lambda fh: np.savez_compressed(fh, **arrays))
+
+
+def write_json(path: Path, obj: dict) -> None:
+    _replace_atomically(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -403,7 +499,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "cache" / "zoo"), help="output folder (default cache/zoo)")
-    ap.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated subset of " + ",".join(ALL_MODELS))
+    ap.add_argument("--models", default=",".join(ZOO_MODELS),
+                    help="comma-separated subset of " + ",".join(ZOO_MODELS) + " (default: all); the entries "
+                         "of other models already in <out>/zoo.json are kept")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 8; 1 with --quick)")
     ap.add_argument("--width", type=int, default=None, help="override the base width of every network")
     ap.add_argument("--quick", action="store_true",
@@ -423,15 +521,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.quick:
-        if args.models == ",".join(ALL_MODELS):
+        if args.models == ap.get_default("models"):
             names = ["resnet18"]
         args.no_dynamo = True
         args.width = args.width or 8
     if args.epochs is None:
         args.epochs = 1 if args.quick else 8
     for n in names:
-        if n not in ALL_MODELS:
-            ap.error(f"unknown model '{n}'; choose from {', '.join(ALL_MODELS)}")
+        if n not in ZOO_MODELS:
+            ap.error(f"unknown model '{n}'; choose from {', '.join(ZOO_MODELS)}")
     r50 = (not args.quick) if args.r50 is None else args.r50
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -452,9 +550,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     rng = np.random.default_rng(SEED)
     calib_idx = np.sort(rng.choice(len(x_tr), size=min(N_CALIB, len(x_tr)), replace=False))
-    np.savez_compressed(out / f"{dataset}_calib.npz", input=np.ascontiguousarray(x_tr[calib_idx]))
-    np.savez_compressed(out / f"{dataset}_test.npz", input=np.ascontiguousarray(x_te), labels=y_te)
+    save_npz(out / f"{dataset}_calib.npz", input=np.ascontiguousarray(x_tr[calib_idx]))
+    save_npz(out / f"{dataset}_test.npz", input=np.ascontiguousarray(x_te), labels=y_te)
 
+    # Merge into an existing record: models not trained in this run keep their entries.
     record_path = out / "zoo.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     record.setdefault("models", {})
@@ -497,14 +596,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         record["models"][key] = entry
         print(f"  {params:,} parameters, {train_s:.0f} s; FP32 test top-1 torch {acc:.4f}, "
               f"onnxruntime {ort_acc:.4f} -> {path}")
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(record_path, record)
 
     if r50:
         print("== resnet50_224 (ImageNet-sized, random weights)")
         record["resnet50_224"] = build_resnet50_224(out)
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(record_path, record)
     summary = args.summary
-    if summary is None and dataset == "digits" and not args.quick and set(names) == set(ALL_MODELS) \
+    if summary is None and dataset == "digits" and not args.quick and set(names) >= set(ALL_MODELS) \
             and Path(args.out).resolve() == (ROOT / "cache" / "zoo").resolve():
         summary = str(ROOT / "models" / "zoo.json")
     if summary:
