@@ -86,7 +86,7 @@ def collect_histograms(
     in pieces (the first piece is one sample, to measure the size). Statistics add, so the
     histograms do not depend on how batches are cut.
     ``samples``: :class:`TensorSample` per tensor, filled with the first samples; their counts
-    are lowered so that together they hold at most ``sample_budget`` bytes.
+    are lowered so that each holds at most an equal share of ``sample_budget`` bytes.
     """
     input_names = {s.name for s in source.specs}
     observed = [t for t in dict.fromkeys(tensors) if t not in input_names]
@@ -157,15 +157,21 @@ def collect_histograms(
 
 
 def _fit_samples(samples: Dict[str, TensorSample], outs: dict, feed: dict, m: int, budget: int) -> None:
-    """Lower every sample count so the kept samples fit ``budget`` bytes in all."""
+    """Lower the sample counts so the kept samples fit ``budget`` bytes in all.
+
+    Each tensor gets an equal share: a large early activation keeps few samples (each already
+    holds many positions, i.e. many input rows), a small deep one keeps many.
+    """
     if not samples:
         return
-    per = sum((outs[n].nbytes if n in outs else np.asarray(feed[n]).nbytes) / m
-              for n in samples if n in outs or n in feed)
-    if per > 0:
-        cap = max(1, int(budget // per))
-        for s in samples.values():
-            s.count = min(s.count, cap)
+    share = budget / len(samples)
+    for name, s in samples.items():
+        arr = outs.get(name, feed.get(name))
+        if arr is None:
+            continue
+        per = np.asarray(arr).nbytes / m
+        if per > 0:
+            s.count = min(s.count, max(1, int(share // per)))
 
 
 class _ReusingRunner:

@@ -188,8 +188,9 @@ def choose_bias(b: np.ndarray, wdec: WeightDecision, act: ActDecision):
 
 def rows_for_rounding(d: int) -> int:
     """Input rows sampled to form a layer's ``H`` (fan-in ``d``): more for small layers,
-    bounded so that forming ``H`` costs at most about 2^33 multiply-adds."""
-    return int(np.clip((1 << 33) // max(d * d, 1), 4096, 32768))
+    bounded so that forming ``H`` costs at most about 2^32 multiply-adds, and at least 2d
+    (fewer rows than inputs leave ``H`` singular)."""
+    return int(np.clip((1 << 32) // max(d * d, 1), max(2 * d, 2048), 32768))
 
 
 def _layer_output_sqnr(w_rows, wq_rows, x_rows, xq_rows, b, bq) -> Optional[float]:
@@ -230,10 +231,12 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     gptq = False
     if w_rows is not None:
         d = w_rows[0].shape[1]
-        gptq = config.rounds_with_data(wbits) and d <= rounding.MAX_FAN_IN
+        cap = rounding.AUTO_MAX_FAN_IN if config.rounding == "auto" else rounding.MAX_FAN_IN
+        gptq = config.rounds_with_data(wbits) and d <= cap
         if config.rounds_with_data(wbits) and not gptq:
-            dec.notes.append(f"fan-in {d} > {rounding.MAX_FAN_IN}: weights rounded to nearest (the "
-                             f"{d}x{d} input moment would take {8 * d * d / 2**20:.0f} MB)")
+            why = "--rounding gptq includes it" if d <= rounding.MAX_FAN_IN else \
+                f"its {d}x{d} input moment would take {8 * d * d / 2**20:.0f} MB"
+            dec.notes.append(f"fan-in {d} > {cap}: weights rounded to nearest ({why})")
         x_rows = unfold.input_rows(layer, sample, rows_for_rounding(d) if gptq else objective.rows_for_scoring(d))
     if x_rows is not None and gptq:
         fr = unfold.frac_rows(layer, wdec.frac_array(w.shape), w.shape)

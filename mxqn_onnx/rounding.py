@@ -32,6 +32,10 @@ DAMP = 0.01
 #: 4608, a 3x3 conv over 512 channels); wider layers (VGG's 25088-input classifier) round to
 #: nearest, with a note in the report
 MAX_FAN_IN = 4608
+#: under ``rounding="auto"`` only layers up to this fan-in are rounded with data (a 3x3 conv
+#: over 128 channels): the D^3 inverse and the R*D^2 moment of wider layers cost seconds each
+#: on a CPU (ResNet-50 at 224x224 would convert ~10x slower); ``"gptq"`` takes them too
+AUTO_MAX_FAN_IN = 1152
 #: columns rounded per block before the lazy update of the rest (BLAS-3 efficiency)
 BLOCK = 128
 

@@ -280,8 +280,8 @@ def worker(task: dict) -> dict:
         t0 = time.perf_counter()
         src = DataSource(lambda: ({name: x} for x in random_batches(shape, n)), specs, n, True,
                          "random batches")
-        res = mxqn_onnx.quantize(model, src, wbits=8, abits=8, verify=False, batch_size=BATCH,
-                                 **task.get("config", {}))
+        res = mxqn_onnx.quantize(model, src, wbits=int(task.get("wbits", 8)), abits=8, verify=False,
+                                 batch_size=BATCH, **task.get("config", {}))
         res.save(task["output"])
         out["wall_s"] = time.perf_counter() - t0
         out["timings"] = {k: round(v, 3) for k, v in res.timings.items()}
@@ -308,7 +308,8 @@ def worker(task: dict) -> dict:
 
         t0 = time.perf_counter()
         quantize_static(model, task["output"], Reader(), quant_format=QuantFormat.QDQ,
-                        calibrate_method=CalibrationMethod.MinMax, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        weight_type=QuantType.QInt4 if int(task.get("wbits", 8)) == 4 else QuantType.QInt8,
                         activation_type=QuantType.QUInt8, **task.get("kwargs", {}))
         out["wall_s"] = time.perf_counter() - t0
     elif kind == "latency":
@@ -364,6 +365,15 @@ def cost_part(model: str, samples: Sequence[int], work: Path, mem_limit_gb: Opti
             rows.append(r)
             shown = r.get("error") or f"{r['wall_s']:8.2f} s  {r['maxrss_mb']:8.0f} MB"
             print(f"  {n:4d} samples  {task['kind']:12s} {shown}", flush=True)
+    # 4-bit weights (W4A8), where data-aware rounding is on by default: one sample count
+    n4 = sorted(samples)[len(samples) // 2]
+    for task in ({"kind": "mxqn", "model": model, "samples": n4, "wbits": 4, "output": str(work / "cost_mxqn_w4.onnx")},
+                 {"kind": "ort", "model": model, "samples": n4, "wbits": 4, "output": str(work / "cost_ort_w4.onnx")}):
+        r = spawn(task, mem_limit_gb)
+        r["wbits"] = 4
+        rows.append(r)
+        shown = r.get("error") or f"{r['wall_s']:8.2f} s  {r['maxrss_mb']:8.0f} MB"
+        print(f"  {n4:4d} samples  {task['kind']:12s} W4A8 {shown}", flush=True)
     models = {"fp32": model}
     n_max = max(samples)
     if Path(work / f"cost_mxqn_{n_max}.onnx").exists():
@@ -438,7 +448,14 @@ def targets(acc: List[dict], cost: Optional[dict]) -> List[dict]:
                                          f"{(r['top1'] - paper8['top1']) * 100:+.2f} pt",
                                 "pass": r["sqnr_db"] >= paper8["sqnr_db"] - 0.1 and r["top1"] >= paper8["top1"]})
     if cost:
-        by = {(r["kind"], r["samples"]): r for r in cost["runs"]}
+        by = {(r["kind"], r["samples"]): r for r in cost["runs"] if r.get("wbits", 8) == 8}
+        w4 = {r["kind"]: r for r in cost["runs"] if r.get("wbits", 8) == 4}
+        if w4.get("mxqn") and w4.get("ort") and "error" not in w4["mxqn"] and "error" not in w4["ort"]:
+            mx, ort = w4["mxqn"], w4["ort"]
+            out.append({"target": f"W4A8 convert (data-aware rounding) wall < quantize_static W4A8 ({mx['samples']} samples)",
+                        "value": f"{mx['wall_s'] / ort['wall_s']:.2f}x", "pass": mx["wall_s"] < ort["wall_s"]})
+            out.append({"target": f"W4A8 convert peak RSS < quantize_static W4A8 ({mx['samples']} samples)",
+                        "value": f"{mx['maxrss_mb'] / ort['maxrss_mb']:.2f}x", "pass": mx["maxrss_mb"] < ort["maxrss_mb"]})
         rss = []
         for n in cost["samples"]:
             fp, mx, ort = by.get(("fp32", n)), by.get(("mxqn", n)), by.get(("ort", n))
@@ -538,7 +555,7 @@ def technique_table(acc: List[dict]) -> List[List[str]]:
 
 
 def cost_table(cost: dict) -> List[List[str]]:
-    by = {(r["kind"], r["samples"]): r for r in cost["runs"]}
+    by = {(r["kind"], r["samples"]): r for r in cost["runs"] if r.get("wbits", 8) == 8}
     t = [["samples", "FP32 inference", "MXQN convert", "MXQN verify (own line)", "quantize_static MinMax",
           "convert / FP32", "convert / quantize_static", "RSS convert / quantize_static"]]
     for n in cost["samples"]:
@@ -553,6 +570,15 @@ def cost_table(cost: dict) -> List[List[str]]:
         cells.append(f"{mx['wall_s'] / ort['wall_s']:.2f}x" if ok(ort) and ok(mx) else "")
         cells.append(f"{mx['maxrss_mb'] / ort['maxrss_mb']:.2f}x" if ok(ort) and ok(mx) else "")
         t.append(cells)
+    w4 = {r["kind"]: r for r in cost["runs"] if r.get("wbits", 8) == 4}
+    mx, ort = w4.get("mxqn"), w4.get("ort")
+    if mx:
+        ok = lambda r: r is not None and "error" not in r  # noqa: E731
+        cell = lambda r: "" if r is None else r.get("error", "")[:60] if "error" in r \
+            else f"{r['wall_s']:.1f} s, {r['maxrss_mb']:.0f} MB"  # noqa: E731
+        t.append([f"{mx['samples']} (W4A8)", "", cell(mx), "", cell(ort), "",
+                  f"{mx['wall_s'] / ort['wall_s']:.2f}x" if ok(ort) and ok(mx) else "",
+                  f"{mx['maxrss_mb'] / ort['maxrss_mb']:.2f}x" if ok(ort) and ok(mx) else ""])
     return t
 
 

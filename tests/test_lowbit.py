@@ -226,3 +226,48 @@ def test_cli_reports_every_technique_per_layer(tmp_path, digits_model, digits_ca
     assert ("not kept" in res.stdout) != eq["kept"]
     bad = run_cli("convert", str(digits_model), str(out), "--calib", str(digits_calib), "--rounding", "best")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+# --------------------------------------------------------------------------- kept samples
+
+
+def test_tensor_sample_keeps_copies_of_the_first_samples_and_merges():
+    from mxqn_onnx.observers import TensorSample
+
+    buf = np.arange(24, dtype=np.float32).reshape(6, 4)
+    s = TensorSample("t", count=8)
+    s.update(buf)
+    buf[:] = -1  # calibration reuses its output buffers: the sample must not change
+    s.update(np.full((6, 4), 7, dtype=np.float32))
+    a = s.array()
+    assert a.shape == (8, 4)
+    np.testing.assert_array_equal(a[:6], np.arange(24).reshape(6, 4))
+    np.testing.assert_array_equal(a[6:], 7)
+    other = TensorSample("t", count=3)
+    other.update(np.zeros((2, 4), np.float32))
+    other.merge(s)
+    assert other.array().shape == (3, 4) and other.array()[2, 0] == 0
+
+
+def test_calibration_keeps_samples_within_the_byte_budget(digits_model, digits_calib):
+    from mxqn_onnx.calibrate import collect_histograms
+    from mxqn_onnx.data import input_specs, make_source
+    from mxqn_onnx.observers import TensorSample
+
+    model = load_model(digits_model)
+    layers, _ = find_layers(normalise(model))
+    names = [l.data.name for l in layers]
+    src = make_source(str(digits_calib), input_specs(model), 16)
+    full = {t: TensorSample(t, 64) for t in names}
+    collect_histograms(model, names, src, samples=full)
+    assert all(s.array().shape[0] == 64 for s in full.values())
+    per_sample = {t: s.array()[0].nbytes for t, s in full.items()}
+    budget = 10 * max(per_sample.values()) * len(names)  # an equal share per tensor
+    small = {t: TensorSample(t, 64) for t in names}
+    collect_histograms(model, names, src, samples=small, sample_budget=budget)
+    for t in names:
+        n = small[t].array().shape[0]
+        assert n == min(64, budget // len(names) // per_sample[t])
+        assert n * per_sample[t] <= budget / len(names)
+        np.testing.assert_array_equal(small[t].array(), full[t].array()[:n])  # the same leading samples
+    assert min(s.array().shape[0] for s in small.values()) == 10  # the largest tensor keeps 10
