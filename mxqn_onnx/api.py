@@ -24,7 +24,7 @@ from . import __version__, correction, functions
 from .align import align_channel_ranges, equalize_channel_ranges
 from .calibrate import collect_histograms
 from .observers import TensorSample
-from .choose import ActDecision, LayerDecision, choose_all
+from .choose import ActDecision, LayerDecision, choose_all, model_rounding_cost
 from .config import QuantConfig
 from .data import CalibrationLike, input_specs, make_source
 from .errors import MxqnError, first_line
@@ -378,7 +378,8 @@ def _quantize(source_model: onnx.ModelProto, source, config: QuantConfig, t0: fl
             axis = correction.input_channel_axis(layer)
             if axis is not None:
                 channel_axes[layer.data.name] = axis
-    samples = {t: TensorSample(t, config.data_samples) for t in tensors} if config.uses_samples else {}
+    keep_samples = config.uses_samples(model_rounding_cost(layers))
+    samples = {t: TensorSample(t, config.data_samples) for t in tensors} if keep_samples else {}
     hists, n_samples, kept = collect_histograms(
         fp32, tensors, source, config.calib_count, progress,
         keep_batches=keep if (config.verify or config.allocation_mode is not None) else 0,

@@ -186,13 +186,6 @@ def choose_bias(b: np.ndarray, wdec: WeightDecision, act: ActDecision):
     return frac_out, sqnr, note
 
 
-def rows_for_rounding(d: int) -> int:
-    """Input rows sampled to form a layer's ``H`` (fan-in ``d``): more for small layers,
-    bounded so that forming ``H`` costs at most about 2^32 multiply-adds, and at least 2d
-    (fewer rows than inputs leave ``H`` singular)."""
-    return int(np.clip((1 << 32) // max(d * d, 1), max(2 * d, 2048), 32768))
-
-
 def _layer_output_sqnr(w_rows, wq_rows, x_rows, xq_rows, b, bq) -> Optional[float]:
     """SQNR of ``Wq Q(x) + bq`` against ``W x + b`` over the given input rows."""
     sig = noise = 0.0
@@ -211,7 +204,8 @@ def _layer_output_sqnr(w_rows, wq_rows, x_rows, xq_rows, b, bq) -> Optional[floa
 
 
 def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig,
-                 mean_in: Optional[np.ndarray] = None, sample: Optional[np.ndarray] = None) -> LayerDecision:
+                 mean_in: Optional[np.ndarray] = None, sample: Optional[np.ndarray] = None,
+                 model_cost: float = float("inf")) -> LayerDecision:
     """All decisions for one layer whose input quantizer is ``act``.
 
     With ``config.bias_correction`` and the input's per-channel means, the bias is corrected
@@ -219,7 +213,8 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     before its fractional length is chosen; the corrected values travel in
     ``LayerDecision.bias_values``. With ``sample`` (real inputs of the layer) and
     ``config.rounding`` the weights are rounded for the layer's output error
-    (:mod:`mxqn_onnx.rounding`), and the layer's output SQNR is measured on those inputs.
+    (:mod:`mxqn_onnx.rounding`), and the layer's output SQNR is measured on those inputs;
+    ``model_cost`` is the whole model's estimated rounding cost (see ``rounds_with_data``).
     """
     w = layer.weight
     wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db,
@@ -232,12 +227,13 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     if w_rows is not None:
         d = w_rows[0].shape[1]
         cap = rounding.AUTO_MAX_FAN_IN if config.rounding == "auto" else rounding.MAX_FAN_IN
-        gptq = config.rounds_with_data(wbits) and d <= cap
-        if config.rounds_with_data(wbits) and not gptq:
+        wanted = config.rounds_with_data(wbits, model_cost)
+        gptq = wanted and d <= cap
+        if wanted and not gptq:
             why = "--rounding gptq includes it" if d <= rounding.MAX_FAN_IN else \
                 f"its {d}x{d} input moment would take {8 * d * d / 2**20:.0f} MB"
             dec.notes.append(f"fan-in {d} > {cap}: weights rounded to nearest ({why})")
-        x_rows = unfold.input_rows(layer, sample, rows_for_rounding(d) if gptq else objective.rows_for_scoring(d))
+        x_rows = unfold.input_rows(layer, sample, rounding.rows_for(d) if gptq else objective.rows_for_scoring(d))
     if x_rows is not None and gptq:
         fr = unfold.frac_rows(layer, wdec.frac_array(w.shape), w.shape)
         t0 = time.perf_counter()
@@ -330,6 +326,7 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
     priors, :func:`mxqn_onnx.correction.prior_input_means`; tensors missing: no correction).
     """
     samples = samples or {}
+    cost = model_rounding_cost(layers)
     if bits is not None and len(bits) != len(layers):
         raise ValueError(f"bits has {len(bits)} entries for {len(layers)} layers")
     bits_for: Dict[int, tuple] = {}
@@ -358,9 +355,15 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
             acts = dict(zip(list(acts), refined))
         decisions = list(pool.map(
             lambda il: decide_layer(il[1], acts[il[1].data.name], bits_for[il[0]][0], config,
-                                    _mean_in(il[1].data.name, hists, means), samples.get(il[1].data.name)),
+                                    _mean_in(il[1].data.name, hists, means), samples.get(il[1].data.name),
+                                    cost),
             enumerate(layers)))
     return decisions, acts
+
+
+def model_rounding_cost(layers: List[Layer]) -> float:
+    """Estimated multiply-adds of rounding every layer of a model with data."""
+    return rounding.estimated_cost(s for s in map(unfold.rounding_shape, layers) if s is not None)
 
 
 def _mean_in(tensor: str, hists: Dict[str, TensorHistogram], means: Optional[Dict[str, np.ndarray]]):

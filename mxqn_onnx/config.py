@@ -16,8 +16,11 @@ ROUNDINGS = ("nearest", "gptq", "auto")
 OBJECTIVES = ("tensor", "output")
 EQUALIZE = ("off", "pow2", "float")
 BIAS_MEANS = ("auto", "data", "batchnorm")
-#: under rounding="auto", data-aware rounding is used at or below this weight width
+#: under rounding="auto", data-aware rounding is used at or below this weight width, and at
+#: any width when the whole model's rounding is estimated under AUTO_ROUNDING_BUDGET
+#: multiply-adds (about a second on two cores: small models, where it gains 2-4 dB at 8 bits)
 AUTO_ROUNDING_MAX_BITS = 6
+AUTO_ROUNDING_BUDGET = 2e10
 
 
 @dataclass
@@ -55,7 +58,8 @@ class QuantConfig:
             VGG19 at 4-bit weights but -0.6 to -1.7 dB on ResNet18 and at 8 bits.
         rounding: how weights are rounded onto their grid: ``nearest``, ``gptq`` (each code
             chosen for the layer's output error on calibration inputs, see
-            :mod:`mxqn_onnx.rounding`) or ``auto`` (gptq at or below 6-bit weights).
+            :mod:`mxqn_onnx.rounding`) or ``auto`` (gptq at or below 6-bit weights, and at
+            any width for models whose rounding is cheap, see ``AUTO_ROUNDING_BUDGET``).
         act_objective: what an activation quantizer is chosen for: ``tensor`` (its own SQNR,
             the paper's rule) or ``output`` (the SQNR at the outputs of the layers reading
             it, see :mod:`mxqn_onnx.objective`).
@@ -206,19 +210,21 @@ class QuantConfig:
         if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
             raise MxqnError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
 
-    def rounds_with_data(self, wbits: int) -> bool:
-        """Whether weights of ``wbits`` get data-aware rounding."""
-        return self.rounding == "gptq" or (self.rounding == "auto" and wbits <= AUTO_ROUNDING_MAX_BITS)
+    def rounds_with_data(self, wbits: int, model_cost: float = float("inf")) -> bool:
+        """Whether weights of ``wbits`` get data-aware rounding, in a model whose rounding is
+        estimated at ``model_cost`` multiply-adds (:func:`mxqn_onnx.rounding.estimated_cost`)."""
+        if self.rounding != "auto":
+            return self.rounding == "gptq"
+        return wbits <= AUTO_ROUNDING_MAX_BITS or model_cost <= AUTO_ROUNDING_BUDGET
 
-    @property
-    def uses_samples(self) -> bool:
+    def uses_samples(self, model_cost: float = float("inf")) -> bool:
         """Whether calibration keeps real layer inputs (for rounding / the output objective)."""
         if self.data_samples == 0:
             return False
         # mixed precision may give any layer a width from bits_set
         widths = self.bits_set if self.allocates_weights else \
             (self.wbits,) + ((self.keep_bits,) if self.keep_first or self.keep_last else ())
-        return self.act_objective == "output" or any(self.rounds_with_data(b) for b in widths)
+        return self.act_objective == "output" or any(self.rounds_with_data(b, model_cost) for b in widths)
 
     @property
     def allocates_weights(self) -> bool:

@@ -50,10 +50,29 @@ class RoundingResult:
     used: bool  # False: round-to-nearest was kept (it was as good or better)
 
 
+def rows_for(d: int) -> int:
+    """Input rows sampled to form a layer's ``H`` (fan-in ``d``): more for small layers,
+    bounded so that forming ``H`` costs at most about 2^32 multiply-adds, and at least 2d
+    (fewer rows than inputs leave ``H`` singular)."""
+    return int(np.clip((1 << 32) // max(d * d, 1), max(2 * d, 2048), 32768))
+
+
+def layer_cost(d: int, outputs: int, groups: int = 1) -> float:
+    """Multiply-adds of rounding one layer: ``H`` from the rows, the inverse, the updates."""
+    return float(groups) * (rows_for(d) * d * d + 2.0 * d ** 3 + outputs / groups * d * d)
+
+
+def estimated_cost(shapes) -> float:
+    """Rounding cost of a model: ``shapes`` yields ``(fan-in, outputs, groups)`` per layer;
+    layers wider than :data:`AUTO_MAX_FAN_IN` are not rounded under ``auto`` and not counted."""
+    return sum(layer_cost(d, o, g) for d, o, g in shapes if d <= AUTO_MAX_FAN_IN)
+
+
 def second_moment(x_rows: np.ndarray) -> np.ndarray:
-    """``H = X^T X / R`` of input rows ``[R, D]`` (float64)."""
-    x = np.asarray(x_rows, dtype=np.float64)
-    return (x.T @ x) / max(len(x), 1)
+    """``H = X^T X / R`` of input rows ``[R, D]`` (float64; the product in float32, twice as
+    fast and ample for a damped second moment)."""
+    x = np.asarray(x_rows, dtype=np.float32)
+    return (x.T @ x).astype(np.float64) / max(len(x), 1)
 
 
 def output_noise(err_rows: np.ndarray, h: np.ndarray) -> float:

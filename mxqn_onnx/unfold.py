@@ -132,6 +132,9 @@ def frac_rows(layer: Layer, frac: np.ndarray, shape) -> Optional[List[np.ndarray
     return [r[:, 0].astype(np.int64) for r in rows]
 
 
-def group_outputs(rows: List[np.ndarray], wrows: List[np.ndarray]) -> Tuple[float, float]:
-    """Sum of squares of ``X W^T`` over groups (the layer output's power on these rows)."""
-    return float(sum(np.sum((x @ w.T) ** 2) for x, w in zip(rows, wrows))), float(sum(len(x) for x in rows))
+def rounding_shape(layer: Layer) -> Optional[Tuple[int, int, int]]:
+    """``(fan-in, outputs, groups)`` of a layer in its matrix form (None: unsupported)."""
+    rows = weight_rows(layer)
+    if rows is None:
+        return None
+    return rows[0].shape[1], sum(len(r) for r in rows), len(rows)
