@@ -386,8 +386,11 @@ def _quantize(source_model: onnx.ModelProto, source, config: QuantConfig, t0: fl
         channel_axes=channel_axes, samples=samples)
     sample_arrays = {t: a for t, a in ((t, s.array()) for t, s in samples.items()) if a is not None}
     del samples
-    # data-free bias correction: channel means from the BatchNorm priors instead of the data
-    means = correction.prior_input_means(graph, priors) if priors is not None else None
+    # data-free bias correction: channel means from the BatchNorm priors instead of the data;
+    # equalization rescaled the BN outputs' channels, so the priors no longer describe them
+    means = None
+    if priors is not None:
+        means = {} if equalized is not None else correction.prior_input_means(graph, priors)
     t_calib = time.perf_counter()
 
     outcome = None
@@ -414,7 +417,8 @@ def _quantize(source_model: onnx.ModelProto, source, config: QuantConfig, t0: fl
         opset=max(int(graph.opset), MIN_OPSET),
         allocation=outcome.record if outcome else None,
         equalization=equalized,
-        bias_means="batchnorm" if priors is not None else "data",
+        bias_means="data" if priors is None else "batchnorm" if equalized is None else
+        "none (BatchNorm priors do not hold after equalization)",
         histograms={t: histogram_summary(h) for t, h in hists.items()},
         packed_weight_bytes=packed_weight_bytes(layers, [d.weight.bits for d in decisions]),
     )

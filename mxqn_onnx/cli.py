@@ -69,7 +69,8 @@ def _add_convert(sub) -> None:
                         "BatchNorm (data-free), or auto: batchnorm with --calib random, data otherwise")
     q.add_argument("--rounding", choices=ROUNDINGS, default=QuantConfig.rounding,
                    help="weight rounding: nearest, gptq (codes chosen for the layer's output error on "
-                        f"calibration inputs) or auto (gptq at <= {AUTO_ROUNDING_MAX_BITS}-bit weights; default)")
+                        f"calibration inputs) or auto (gptq at <= {AUTO_ROUNDING_MAX_BITS}-bit weights, and at any "
+                        "width where it is cheap: small models; default)")
     q.add_argument("--act-objective", choices=OBJECTIVES, default=QuantConfig.act_objective,
                    help="choose activation quantizers for their own SQNR (tensor) or for the SQNR at "
                         f"the outputs of the layers reading them (output); default {QuantConfig.act_objective}")

@@ -208,6 +208,10 @@ def test_data_free_bias_correction_uses_batchnorm_priors():
     assert mean_shift(free) < mean_shift(none) / 2, (mean_shift(free), mean_shift(none))
     # with real data, the default takes the means from the data
     assert mxqn_onnx.quantize(model, x, **kw).bias_means == "data"
+    # equalization rescales the BatchNorm outputs: their priors no longer apply
+    eq = mxqn_onnx.quantize(model, "random", equalize="pow2", **kw)
+    assert eq.equalization["pairs"] == 1 and eq.bias_means.startswith("none")
+    assert not any(d.bias_correction for d in eq.layers)
 
 
 # --------------------------------------------------------------------------- reporting
