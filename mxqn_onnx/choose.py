@@ -186,21 +186,29 @@ def choose_bias(b: np.ndarray, wdec: WeightDecision, act: ActDecision):
     return frac_out, sqnr, note
 
 
-def _layer_output_sqnr(w_rows, wq_rows, x_rows, xq_rows, b, bq) -> Optional[float]:
-    """SQNR of ``Wq Q(x) + bq`` against ``W x + b`` over the given input rows."""
-    sig = noise = 0.0
+def _output_error(w_rows, wq_rows, x_rows, xq_rows, b) -> Tuple[float, np.ndarray, np.ndarray]:
+    """``(signal, error rows, error column sums)`` of ``Wq Q(x)`` against ``W x + b`` (float32
+    products: ample for an SQNR in a report); biases are added later by :func:`_with_bias`."""
+    sig, errs = 0.0, []
     start = 0
     for w, wq, x, xq in zip(w_rows, wq_rows, x_rows, xq_rows):
-        ref = x @ w.T
-        out = xq @ wq.T
+        ref = x.astype(np.float32) @ w.T.astype(np.float32)
         if b is not None:
-            o = len(w)
-            ref = ref + b[start:start + o]
-            out = out + bq[start:start + o]
-            start += o
-        sig += float(np.sum(ref ** 2))
-        noise += float(np.sum((out - ref) ** 2))
-    return Q.sqnr_db(sig, noise)
+            ref = ref + b[start:start + len(w)].astype(np.float32)
+            start += len(w)
+        sig += float(np.sum(np.square(ref, dtype=np.float64)))
+        errs.append(xq.astype(np.float32) @ wq.T.astype(np.float32) - ref)
+    err = np.concatenate(errs, axis=1).astype(np.float64)
+    return sig, err, err.sum(axis=0)
+
+
+def _with_bias(sig: float, err: np.ndarray, col_sums: np.ndarray, bq: Optional[np.ndarray]) -> float:
+    """SQNR once the stored bias ``bq`` is added to the quantized output:
+    ``sum (e + bq)^2 = sum e^2 + 2 bq . sum_rows e + R |bq|^2``."""
+    noise = float(np.sum(err ** 2))
+    if bq is not None:
+        noise += 2 * float(col_sums @ bq) + len(err) * float(bq @ bq)
+    return Q.sqnr_db(sig, max(noise, 0.0))
 
 
 def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig,
@@ -233,7 +241,7 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
             why = "--rounding gptq includes it" if d <= rounding.MAX_FAN_IN else \
                 f"its {d}x{d} input moment would take {8 * d * d / 2**20:.0f} MB"
             dec.notes.append(f"fan-in {d} > {cap}: weights rounded to nearest ({why})")
-        x_rows = unfold.input_rows(layer, sample, rounding.rows_for(d) if gptq else objective.rows_for_scoring(d))
+        x_rows = unfold.input_rows(layer, sample, rounding.rows_for(d) if gptq else MEASURE_ROWS)
     if x_rows is not None and gptq:
         fr = unfold.frac_rows(layer, wdec.frac_array(w.shape), w.shape)
         t0 = time.perf_counter()
@@ -283,30 +291,28 @@ def _input_mean_error(layer: Layer, act: ActDecision, sample: Optional[np.ndarra
     return err.mean(axis=other, dtype=np.float64)
 
 
+#: input rows for the per-layer output measurements of the report
+MEASURE_ROWS = 512
 def _measure_layer(dec: LayerDecision, layer: Layer, w_rows, wq: np.ndarray, x_rows, b) -> None:
     """The layer's output SQNR on its sampled inputs, without and with bias correction."""
     if float(layer.node.attrs.get("alpha", 1.0)) != 1.0:
         return
-    n = min(len(x_rows[0]), objective.rows_for_scoring(x_rows[0].shape[1]))
+    n = min(len(x_rows[0]), MEASURE_ROWS)
     xs = [x[:n] for x in x_rows]
-    xq = [dec.act.quantize(x.astype(np.float32)).astype(np.float64) for x in xs]
-    wq_rows = unfold.weight_rows(layer, wq)
+    xq = [dec.act.quantize(x.astype(np.float32)) for x in xs]
 
     def stored(bias):  # the bias as the quantized model holds it (int32 at bias_frac)
-        if bias is None:
-            return None
         f = np.broadcast_to(np.asarray(dec.bias_frac, dtype=np.int64), bias.shape)
         return Q.fxp_quantize(bias, BIAS_BITS, f, True).astype(np.float64)
 
-    b0 = layer.bias
-    zero = None if b is None else np.zeros(b.shape)
-    ref = zero if b0 is None else b0.astype(np.float64)
-    dec.output_sqnr_db = _layer_output_sqnr(w_rows, wq_rows, xs, xq, ref, stored(b) if b is not None else None)
-    if dec.bias_correction:
-        dec.output_sqnr_uncorrected_db = _layer_output_sqnr(
-            w_rows, wq_rows, xs, xq, ref, zero if b0 is None else stored(b0))
-    else:
-        dec.output_sqnr_uncorrected_db = dec.output_sqnr_db
+    b0 = None if layer.bias is None else layer.bias.astype(np.float64)
+    sig, err, sums = _output_error(w_rows, unfold.weight_rows(layer, wq), xs, xq, b0)
+    if b is None:
+        dec.output_sqnr_db = dec.output_sqnr_uncorrected_db = _with_bias(sig, err, sums, None)
+        return
+    dec.output_sqnr_db = _with_bias(sig, err, sums, stored(b))
+    dec.output_sqnr_uncorrected_db = dec.output_sqnr_db if not dec.bias_correction else \
+        _with_bias(sig, err, sums, None if b0 is None else stored(b0))
 
 
 def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: QuantConfig,

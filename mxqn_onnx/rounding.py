@@ -104,6 +104,8 @@ def gptq_rows(w_rows: np.ndarray, h: np.ndarray, bits: int, fracs: np.ndarray) -
     h[np.diag_indices(d)] += DAMP * float(np.mean(np.diag(h)))
     try:
         hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1
+        if not np.all(np.isfinite(hinv)):
+            raise np.linalg.LinAlgError("non-finite factor")
     except np.linalg.LinAlgError:
         return _quantize_column(np.asarray(w_rows, dtype=np.float64), scale[:, None], lo, hi)
     q = np.empty_like(w)
