@@ -10,7 +10,7 @@ from rich.table import Table
 
 from .errors import MxqnError
 from .layers import find_layers
-from .loading import METADATA_KEY, is_mxqn_model, load_model, normalise
+from .loading import METADATA_KEY, is_mxqn_model, normalise
 
 
 def inspect_model(path) -> dict:
