@@ -13,7 +13,7 @@ output format does not change; only which code each weight gets.
 Cost per layer: one ``D x D`` Cholesky and ``O * D^2`` multiply-adds (D = fan-in), plus
 ``R * D^2`` to form ``H`` from ``R`` sampled input rows; numpy/BLAS only. A layer keeps the
 data-aware result only if its output error on the calibration rows is lower than
-round-to-nearest's (it always was in our runs; the check makes it a guarantee).
+round-to-nearest's, so on those rows it never does worse.
 """
 
 from __future__ import annotations
