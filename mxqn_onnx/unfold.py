@@ -48,31 +48,38 @@ def _conv_geometry(layer: Layer, x_shape) -> Optional[dict]:
     return {"k": k, "s": s, "d": d, "pads": pads, "groups": int(a.get("group", 1))}
 
 
+def _matrix_form(layer: Layer, shape) -> Optional[Tuple[int, bool]]:
+    """``(groups, transposed)`` of a weight of ``shape`` as rows ``[O, D]``: a Conv's output
+    channels are its rows; Gemm (without transB) and MatMul hold ``[K, N]``, the transpose.
+    None when unsupported."""
+    attrs = layer.node.attrs
+    if layer.op == "Conv" and len(shape) in (3, 4):
+        groups = int(attrs.get("group", 1))
+        return None if shape[0] % groups else (groups, False)
+    if layer.op == "Gemm" and not int(attrs.get("transA", 0)) and len(shape) == 2:
+        return 1, not int(attrs.get("transB", 0))
+    if layer.op == "MatMul" and layer.weight_index == 1 and len(shape) == 2:
+        return 1, True
+    return None
+
+
 def weight_rows(layer: Layer, w: Optional[np.ndarray] = None) -> Optional[List[np.ndarray]]:
     """``W`` as rows ``[O_g, D]`` per group (float64), or None when unsupported."""
     w = layer.weight if w is None else w
+    form = _matrix_form(layer, np.shape(w))
+    if form is None:
+        return None
+    groups, transposed = form
     w = np.asarray(w, dtype=np.float64)
-    op = layer.op
-    if op == "Conv" and w.ndim in (3, 4):
-        groups = int(layer.node.attrs.get("group", 1))
-        if w.shape[0] % groups:
-            return None
-        rows = w.reshape(w.shape[0], -1)
-        return list(rows.reshape(groups, w.shape[0] // groups, -1))
-    if op == "Gemm" and not int(layer.node.attrs.get("transA", 0)) and w.ndim == 2:
-        return [w if int(layer.node.attrs.get("transB", 0)) else w.T]
-    if op == "MatMul" and layer.weight_index == 1 and w.ndim == 2:
-        return [w.T]
-    return None
+    rows = w.T if transposed else w.reshape(w.shape[0], -1)
+    return list(rows.reshape(groups, rows.shape[0] // groups, -1))
 
 
 def rows_to_weight(layer: Layer, rows: List[np.ndarray], shape) -> np.ndarray:
     """Inverse of :func:`weight_rows`: the weight of ``shape`` (float32)."""
-    if layer.op == "Conv":
-        return np.concatenate(rows, axis=0).reshape(shape).astype(np.float32)
-    if layer.op == "Gemm" and int(layer.node.attrs.get("transB", 0)):
-        return rows[0].reshape(shape).astype(np.float32)
-    return np.ascontiguousarray(rows[0].T).reshape(shape).astype(np.float32)
+    _, transposed = _matrix_form(layer, shape)
+    w = np.concatenate(rows, axis=0)
+    return np.ascontiguousarray(w.T if transposed else w).reshape(shape).astype(np.float32)
 
 
 def input_rows(layer: Layer, x: np.ndarray, max_rows: int,
@@ -133,8 +140,13 @@ def frac_rows(layer: Layer, frac: np.ndarray, shape) -> Optional[List[np.ndarray
 
 
 def rounding_shape(layer: Layer) -> Optional[Tuple[int, int, int]]:
-    """``(fan-in, outputs, groups)`` of a layer in its matrix form (None: unsupported)."""
-    rows = weight_rows(layer)
-    if rows is None:
+    """``(fan-in, outputs, groups)`` of a layer in its matrix form (None: unsupported); from
+    the shape alone, so estimating a model's rounding cost copies no weights."""
+    shape = layer.weight.shape
+    form = _matrix_form(layer, shape)
+    if form is None:
         return None
-    return rows[0].shape[1], sum(len(r) for r in rows), len(rows)
+    groups, transposed = form
+    if transposed:
+        return shape[0], shape[1], 1
+    return int(np.prod(shape[1:])), shape[0], groups
