@@ -40,17 +40,13 @@ def _candidates(act, hist: TensorHistogram, mode: str) -> List[dict]:
     bits, signed = act.bits, act.signed
     out: List[dict] = []
     if mode in ("auto", "fixed"):
-        f0 = Q.no_overflow_frac(bins.max_abs, bits, signed)
-        fracs = np.arange(f0 - Q.FXP_SEARCH_BELOW, f0 + Q.FXP_SEARCH_ABOVE + 1)
+        fracs = Q.fxp_candidates(bins.max_abs, bits, signed)
         errs = Q.fxp_errors_binned(bins, bits, signed, fracs)
         out += [dict(kind="fixed", frac=int(f), k=None, E=None, err=float(e)) for f, e in zip(fracs, errs)]
     if mode in ("auto", "log"):
-        top = np.log2(bins.max_abs)
         per_k = []
         for k in range(Q.log_max_k(bits) + 1):
-            steps = 2**k
-            tops = np.arange(int(np.floor((top - Q.LOG_SEARCH_OCTAVES_BELOW) * steps)),
-                             int(np.ceil(top * steps)) + 2)
+            tops = Q.log_tops(bins.max_abs, k)
             errs = Q.log_errors_binned(bins, bits, k, signed, tops)
             per_k.append((k, tops, errs, int(np.argmin(errs))))
         # every k at its best top, and the two best k with two tops either side

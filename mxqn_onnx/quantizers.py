@@ -366,10 +366,24 @@ def log_errors_binned(bins: Bins, bits: int, k: int, signed: bool, tops: np.ndar
     )
 
 
+def fxp_candidates(max_abs: float, bits: int, signed: bool) -> np.ndarray:
+    """Fractional lengths searched for data up to ``max_abs``: from two below the no-overflow
+    length (coarser, unused headroom) to eight above it (finer, clipping outliers)."""
+    f0 = no_overflow_frac(max_abs, bits, signed)
+    return np.arange(f0 - FXP_SEARCH_BELOW, f0 + FXP_SEARCH_ABOVE + 1)
+
+
+def log_tops(max_abs: float, k: int) -> np.ndarray:
+    """Tops ``E`` searched for the log quantizer with ``k``: from a few octaves below the
+    data's maximum to just above it."""
+    top = np.log2(max_abs) if max_abs > 0 else 0.0
+    steps = 2**k
+    return np.arange(int(np.floor((top - LOG_SEARCH_OCTAVES_BELOW) * steps)), int(np.ceil(top * steps)) + 2)
+
+
 def best_fxp_binned(bins: Bins, bits: int, signed: bool) -> FixedChoice:
     """SQNR-optimal fixed point for a binned distribution."""
-    f0 = no_overflow_frac(bins.max_abs, bits, signed)
-    cands = np.arange(f0 - FXP_SEARCH_BELOW, f0 + FXP_SEARCH_ABOVE + 1)
+    cands = fxp_candidates(bins.max_abs, bits, signed)
     errs = fxp_errors_binned(bins, bits, signed, cands)
     best = int(np.argmin(errs))
     return FixedChoice(bits, int(cands[best]), signed, sqnr_db(bins.signal_power(), float(errs[best])))
@@ -383,13 +397,10 @@ def best_log_binned(bins: Bins, bits: int, signed: bool, max_k: int | None = Non
     """
     max_k = log_max_k(bits) if max_k is None else max_k
     signal = bins.signal_power()
-    top = np.log2(bins.max_abs) if bins.max_abs > 0 else 0.0
     best = None
     for k in range(max_k + 1):
-        steps = 2**k
-        e_hi = int(np.ceil(top * steps)) + 1
-        e_lo = int(np.floor((top - LOG_SEARCH_OCTAVES_BELOW) * steps))
-        err, e = _search_tops(bins, bits, k, signed, e_lo, e_hi)
+        tops = log_tops(bins.max_abs, k)
+        err, e = _search_tops(bins, bits, k, signed, int(tops[0]), int(tops[-1]))
         if best is None or err < best[0]:
             best = (err, k, e)
     return LogChoice(bits, best[1], best[2], signed, sqnr_db(signal, best[0]))
