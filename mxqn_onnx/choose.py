@@ -186,28 +186,12 @@ def choose_bias(b: np.ndarray, wdec: WeightDecision, act: ActDecision):
     return frac_out, sqnr, note
 
 
-def _output_error(w_rows, wq_rows, x_rows, xq_rows, b) -> Tuple[float, np.ndarray, np.ndarray]:
-    """``(signal, error rows, error column sums)`` of ``Wq Q(x)`` against ``W x + b`` (float32
-    products: ample for an SQNR in a report); biases are added later by :func:`_with_bias`."""
-    sig, errs = 0.0, []
-    start = 0
-    for w, wq, x, xq in zip(w_rows, wq_rows, x_rows, xq_rows):
-        ref = x.astype(np.float32) @ w.T.astype(np.float32)
-        if b is not None:
-            ref = ref + b[start:start + len(w)].astype(np.float32)
-            start += len(w)
-        sig += float(np.sum(np.square(ref, dtype=np.float64)))
-        errs.append(xq.astype(np.float32) @ wq.T.astype(np.float32) - ref)
-    err = np.concatenate(errs, axis=1).astype(np.float64)
-    return sig, err, err.sum(axis=0)
-
-
-def _with_bias(sig: float, err: np.ndarray, col_sums: np.ndarray, bq: Optional[np.ndarray]) -> float:
-    """SQNR once the stored bias ``bq`` is added to the quantized output:
-    ``sum (e + bq)^2 = sum e^2 + 2 bq . sum_rows e + R |bq|^2``."""
-    noise = float(np.sum(err ** 2))
-    if bq is not None:
-        noise += 2 * float(col_sums @ bq) + len(err) * float(bq @ bq)
+def _with_bias(sig: float, err: np.ndarray, delta: Optional[np.ndarray]) -> float:
+    """SQNR once the quantized output's bias differs from the FP32 one by ``delta`` (None:
+    neither has a bias): ``sum (e + d)^2 = sum e^2 + 2 d . sum_rows e + R |d|^2``."""
+    noise = float(np.sum(np.square(err, dtype=np.float64)))
+    if delta is not None:
+        noise += 2 * float(err.sum(axis=0, dtype=np.float64) @ delta) + len(err) * float(delta @ delta)
     return Q.sqnr_db(sig, max(noise, 0.0))
 
 
@@ -306,13 +290,15 @@ def _measure_layer(dec: LayerDecision, layer: Layer, w_rows, wq: np.ndarray, x_r
         return Q.fxp_quantize(bias, BIAS_BITS, f, True).astype(np.float64)
 
     b0 = None if layer.bias is None else layer.bias.astype(np.float64)
-    sig, err, sums = _output_error(w_rows, unfold.weight_rows(layer, wq), xs, xq, b0)
-    if b is None:
-        dec.output_sqnr_db = dec.output_sqnr_uncorrected_db = _with_bias(sig, err, sums, None)
-        return
-    dec.output_sqnr_db = _with_bias(sig, err, sums, stored(b))
-    dec.output_sqnr_uncorrected_db = dec.output_sqnr_db if not dec.bias_correction else \
-        _with_bias(sig, err, sums, None if b0 is None else stored(b0))
+    sig, err = unfold.output_error(w_rows, xs, xq, unfold.weight_rows(layer, wq), b0)
+
+    def sqnr(bias) -> float:  # with ``bias`` stored in the quantized model (None: no bias)
+        if bias is None and b0 is None:
+            return _with_bias(sig, err, None)
+        return _with_bias(sig, err, (0.0 if bias is None else stored(bias)) - (0.0 if b0 is None else b0))
+
+    dec.output_sqnr_db = sqnr(b)
+    dec.output_sqnr_uncorrected_db = sqnr(b0) if dec.bias_correction else dec.output_sqnr_db
 
 
 def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: QuantConfig,

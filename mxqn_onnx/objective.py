@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from . import quantizers as Q
+from . import quantizers as Q, unfold
 from .observers import TensorHistogram
 
 #: input rows per consumer layer used to score the candidates (fewer for very wide layers,
@@ -74,13 +74,8 @@ def consumers_sqnr(quantize, consumers: Sequence[Consumer]) -> float:
     """
     ratios = []
     for w_rows, x_rows in consumers:
-        sig = noise = 0.0
-        for w, x in zip(w_rows, x_rows):
-            x32 = x.astype(np.float32)
-            w32 = w.astype(np.float32)
-            e = quantize(x32) - x32  # float32 products: ample for a ratio, twice as fast
-            sig += float(np.sum(np.square(x32 @ w32.T, dtype=np.float64)))
-            noise += float(np.sum(np.square(e @ w32.T, dtype=np.float64)))
+        sig, err = unfold.output_error(w_rows, x_rows, [quantize(x.astype(np.float32)) for x in x_rows])
+        noise = float(np.sum(np.square(err, dtype=np.float64)))
         ratios.append(noise / sig if sig > 0 else 0.0)
     mean = float(np.mean(ratios))
     return float("inf") if mean == 0 else float(-10 * np.log10(mean))
