@@ -94,18 +94,19 @@ def check_feed(feed: Feed, specs: Sequence[InputSpec], where: str) -> Feed:
 
 
 class DataSource:
-    """Batches of feeds. ``reiterable`` says whether iterating again gives the same data."""
+    """Batches of feeds. ``reiterable`` says whether iterating again gives the same data;
+    ``synthetic`` that it is generated (random), so it says nothing about the real inputs."""
 
     def __init__(self, factory: Callable[[], Iterator[Feed]], specs: Sequence[InputSpec],
                  total: Optional[int], reiterable: bool, label: str,
-                 labels: Optional[np.ndarray] = None) -> None:
+                 labels: Optional[np.ndarray] = None, synthetic: bool = False) -> None:
         self._factory = factory
         self.specs = list(specs)
         self.total = total
         self.reiterable = reiterable
         self.label = label
         self.labels = labels
-        self.synthetic = False  # True for generated (random) data
+        self.synthetic = synthetic
 
     def batches(self, limit: Optional[int] = None) -> Iterator[Feed]:
         """Checked batches, stopping after ``limit`` samples."""
@@ -296,9 +297,7 @@ def _random_source(specs, batch_size, count, label) -> DataSource:
             yield {s.name: rng.standard_normal((b,) + tuple(224 if d is None else d for d in s.shape[1:]))
                    .astype(s.dtype) for s in specs}
 
-    source = DataSource(gen, specs, n, True, label)
-    source.synthetic = True  # says nothing about the real input distribution
-    return source
+    return DataSource(gen, specs, n, True, label, synthetic=True)
 
 
 def _from_reader(reader, specs) -> DataSource:

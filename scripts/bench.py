@@ -354,6 +354,15 @@ def spawn(task: dict, mem_limit_gb: Optional[float]) -> dict:
 def cost_part(model: str, samples: Sequence[int], work: Path, mem_limit_gb: Optional[float]) -> dict:
     """Conversion cost at each sample count, then latency of the resulting models."""
     rows = []
+
+    def run(task: dict, label: str = "") -> None:
+        r = spawn(task, mem_limit_gb)
+        if "wbits" in task:
+            r["wbits"] = task["wbits"]
+        rows.append(r)
+        shown = r.get("error") or f"{r['wall_s']:8.2f} s  {r['maxrss_mb']:8.0f} MB"
+        print(f"  {task['samples']:4d} samples  {task['kind']:12s} {label}{shown}", flush=True)
+
     for n in samples:
         mx_out, ort_out = str(work / f"cost_mxqn_{n}.onnx"), str(work / f"cost_ort_{n}.onnx")
         for task in ({"kind": "fp32", "model": model, "samples": n},
@@ -362,19 +371,12 @@ def cost_part(model: str, samples: Sequence[int], work: Path, mem_limit_gb: Opti
                      {"kind": "ort", "model": model, "samples": n, "output": ort_out}):
             if task["kind"] == "mxqn_verify" and not Path(mx_out).exists():
                 continue
-            r = spawn(task, mem_limit_gb)
-            rows.append(r)
-            shown = r.get("error") or f"{r['wall_s']:8.2f} s  {r['maxrss_mb']:8.0f} MB"
-            print(f"  {n:4d} samples  {task['kind']:12s} {shown}", flush=True)
+            run(task)
     # 4-bit weights (W4A8), where data-aware rounding is on by default: one sample count
     n4 = sorted(samples)[len(samples) // 2]
-    for task in ({"kind": "mxqn", "model": model, "samples": n4, "wbits": 4, "output": str(work / "cost_mxqn_w4.onnx")},
-                 {"kind": "ort", "model": model, "samples": n4, "wbits": 4, "output": str(work / "cost_ort_w4.onnx")}):
-        r = spawn(task, mem_limit_gb)
-        r["wbits"] = 4
-        rows.append(r)
-        shown = r.get("error") or f"{r['wall_s']:8.2f} s  {r['maxrss_mb']:8.0f} MB"
-        print(f"  {n4:4d} samples  {task['kind']:12s} W4A8 {shown}", flush=True)
+    for kind in ("mxqn", "ort"):
+        run({"kind": kind, "model": model, "samples": n4, "wbits": 4, "output": str(work / f"cost_{kind}_w4.onnx")},
+            "W4A8 ")
     models = {"fp32": model}
     n_max = max(samples)
     if Path(work / f"cost_mxqn_{n_max}.onnx").exists():
@@ -558,31 +560,34 @@ def technique_table(acc: List[dict]) -> List[List[str]]:
     return t
 
 
+def _ok(r: Optional[dict]) -> bool:
+    return r is not None and "error" not in r
+
+
+def _cost_cell(r: Optional[dict]) -> str:
+    """Wall time and peak RSS of one run (its error, or blank when not run)."""
+    if r is None:
+        return ""
+    return r["error"][:60] if "error" in r else f"{r['wall_s']:.1f} s, {r['maxrss_mb']:.0f} MB"
+
+
+def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> str:
+    return f"{a[key] / b[key]:.2f}x" if _ok(a) and _ok(b) else ""
+
+
 def cost_table(cost: dict) -> List[List[str]]:
     by = {(r["kind"], r["samples"]): r for r in cost["runs"] if r.get("wbits", 8) == 8}
     t = [["samples", "FP32 inference", "MXQN convert", "MXQN verify (own line)", "quantize_static MinMax",
           "convert / FP32", "convert / quantize_static", "RSS convert / quantize_static"]]
     for n in cost["samples"]:
-        cells = [str(n)]
-        for kind in ("fp32", "mxqn", "mxqn_verify", "ort"):
-            r = by.get((kind, n))
-            cells.append("" if r is None else r.get("error", "")[:60] if "error" in r
-                         else f"{r['wall_s']:.1f} s, {r['maxrss_mb']:.0f} MB")
+        cells = [str(n)] + [_cost_cell(by.get((kind, n))) for kind in ("fp32", "mxqn", "mxqn_verify", "ort")]
         fp, mx, ort = by.get(("fp32", n)), by.get(("mxqn", n)), by.get(("ort", n))
-        ok = lambda r: r is not None and "error" not in r  # noqa: E731
-        cells.append(f"{mx['wall_s'] / fp['wall_s']:.2f}x" if ok(fp) and ok(mx) else "")
-        cells.append(f"{mx['wall_s'] / ort['wall_s']:.2f}x" if ok(ort) and ok(mx) else "")
-        cells.append(f"{mx['maxrss_mb'] / ort['maxrss_mb']:.2f}x" if ok(ort) and ok(mx) else "")
-        t.append(cells)
+        t.append(cells + [_ratio(mx, fp, "wall_s"), _ratio(mx, ort, "wall_s"), _ratio(mx, ort, "maxrss_mb")])
     w4 = {r["kind"]: r for r in cost["runs"] if r.get("wbits", 8) == 4}
     mx, ort = w4.get("mxqn"), w4.get("ort")
     if mx:
-        ok = lambda r: r is not None and "error" not in r  # noqa: E731
-        cell = lambda r: "" if r is None else r.get("error", "")[:60] if "error" in r \
-            else f"{r['wall_s']:.1f} s, {r['maxrss_mb']:.0f} MB"  # noqa: E731
-        t.append([f"{mx['samples']} (W4A8)", "", cell(mx), "", cell(ort), "",
-                  f"{mx['wall_s'] / ort['wall_s']:.2f}x" if ok(ort) and ok(mx) else "",
-                  f"{mx['maxrss_mb'] / ort['maxrss_mb']:.2f}x" if ok(ort) and ok(mx) else ""])
+        t.append([f"{mx['samples']} (W4A8)", "", _cost_cell(mx), "", _cost_cell(ort), "",
+                  _ratio(mx, ort, "wall_s"), _ratio(mx, ort, "maxrss_mb")])
     return t
 
 
