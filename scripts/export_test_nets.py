@@ -33,7 +33,7 @@ import argparse
 import io
 import json
 import logging
-import random
+import sys
 import warnings
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -47,18 +47,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training import set_determinism  # noqa: E402
+
 SEED = 0
 OPSETS = (11, 13, 17)
 NEWEST = {"torchscript": 20, "dynamo": 23}
-
-
-def set_determinism(seed: int = SEED) -> None:
-    """Seed every RNG; deterministic 1-thread CPU kernels."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
 
 
 def digits_images(scale: int = 2) -> Tuple[np.ndarray, np.ndarray]:
@@ -229,7 +223,7 @@ def main() -> None:
     written: Dict[str, dict] = {}
     missing: List[str] = []
     for name, cls in NETS.items():
-        set_determinism()
+        set_determinism(SEED, threads=1)
         net = train(name, cls(), x, y, args.epochs)
         for exporter in ("torchscript", "dynamo"):
             for opset in (*OPSETS, NEWEST[exporter]):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -45,18 +45,12 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from training import set_determinism, train_epoch  # noqa: E402
+
 SEED = 0
 IMG = 28
 N_CALIB = 256
-
-
-def set_determinism(seed: int = SEED) -> None:
-    """Seed all RNGs and force deterministic, 2-thread CPU execution."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
 
 
 def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
@@ -168,26 +162,11 @@ def train(
     xt = torch.from_numpy(x_tr)
     yt = torch.from_numpy(y_tr)
     for ep in range(epochs):
-        model.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        tot, correct, loss_sum = 0, 0, 0.0
-        for s in range(0, len(xt), 64):
-            idx = perm[s : s + 64]
-            xb = random_shift(xt[idx], 2, gen)
-            yb = yt[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
-            tot += len(idx)
+        loss_sum, correct = train_epoch(model, xt, yt, 64, opt, sched, gen, lambda x: random_shift(x, 2, gen))
         te_acc, _ = evaluate(model, x_te, y_te)
         print(
-            f"epoch {ep + 1:3d}/{epochs}  loss {loss_sum / tot:.4f}  "
-            f"train_acc {correct / tot:.4f}  test_acc {te_acc:.4f}",
+            f"epoch {ep + 1:3d}/{epochs}  loss {loss_sum / len(xt):.4f}  "
+            f"train_acc {correct / len(xt):.4f}  test_acc {te_acc:.4f}",
             flush=True,
         )
     model.eval()

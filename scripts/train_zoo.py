@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import pickle
-import random
 import shutil
 import sys
 import time
@@ -63,6 +62,9 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training import set_determinism, train_epoch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -340,14 +342,6 @@ def load_imagefolder(folder: Path, image: int) -> Data:
 # --------------------------------------------------------------------------- training
 
 
-def set_determinism(seed: int = SEED, threads: int = 2) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-
-
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
     """Translate each image by up to ``max_shift`` pixels (edge-replicated padding)."""
     n, _, h, w = x.shape
@@ -372,20 +366,7 @@ def train(model: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, epochs: int, bat
     gen = torch.Generator().manual_seed(SEED)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     for ep in range(epochs):
-        model.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        loss_sum, correct = 0.0, 0
-        for s in range(0, len(xt), batch):
-            idx = perm[s:s + batch]
-            xb, yb = random_shift(xt[idx], 2, gen), yt[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
+        loss_sum, correct = train_epoch(model, xt, yt, batch, opt, sched, gen, lambda x: random_shift(x, 2, gen))
         print(f"    epoch {ep + 1}/{epochs}  loss {loss_sum / len(xt):.4f}  train top-1 {correct / len(xt):.4f}",
               flush=True)
     return model.eval()
