@@ -155,6 +155,9 @@ class QuantConfig:
                 raise MxqnError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not isinstance(self.data_samples, int) or isinstance(self.data_samples, bool) or self.data_samples < 0:
             raise MxqnError(f"data_samples must be a non-negative integer, got {self.data_samples!r}")
+        if self.data_samples == 0 and (self.rounding == "gptq" or self.act_objective == "output"):
+            what = "rounding gptq" if self.rounding == "gptq" else "act_objective output"
+            raise MxqnError(f"{what} needs kept calibration samples; data_samples must be at least 1")
         if self.act_quant not in ACT_MODES:
             raise MxqnError(f"act_quant must be one of {', '.join(ACT_MODES)}, got {self.act_quant!r}")
         for name in ("channel_gain_db", "log_margin_db"):

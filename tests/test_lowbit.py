@@ -237,6 +237,12 @@ def test_cli_reports_every_technique_per_layer(tmp_path, digits_model, digits_ca
     assert ("not kept" in res.stdout) != eq["kept"]
     bad = run_cli("convert", str(digits_model), str(out), "--calib", str(digits_calib), "--rounding", "best")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    # the data-aware steps cannot run without kept samples: refused, not silently skipped
+    for opt in (["--rounding", "gptq"], ["--act-objective", "output"]):
+        bad = run_cli("convert", str(digits_model), str(tmp_path / "x.onnx"), "--calib", str(digits_calib),
+                      "--data-samples", "0", *opt)
+        assert bad.returncode == 2 and "data_samples must be at least 1" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
 
 
 # --------------------------------------------------------------------------- kept samples
