@@ -251,7 +251,8 @@ def _mixed_precision(graph, layers, skipped, hists, n_samples, config: QuantConf
         d, a = choose_all(ls, hists, config, bits, samples, means)
         meta = QuantResult(onnx.ModelProto(), d, a, skipped, 0.0, None, n_samples, 0, 0,
                            config=config, opset=opset).decisions()
-        qm = rewrite(g, ls, d, a, source_model, meta, fmt=config.format)
+        qm = rewrite(g, ls, d, a, source_model, meta, fmt=config.format,
+                     qdq_encoding=config.qdq_encoding)
         return d, a, qm
 
     def measure(built):
@@ -422,7 +423,8 @@ def _quantize(source_model: onnx.ModelProto, source, config: QuantConfig, t0: fl
         histograms={t: histogram_summary(h) for t, h in hists.items()},
         packed_weight_bytes=packed_weight_bytes(layers, [d.weight.bits for d in decisions]),
     )
-    qmodel = rewrite(graph, layers, decisions, acts, source_model, result.decisions(), fmt=config.format)
+    qmodel = rewrite(graph, layers, decisions, acts, source_model, result.decisions(), fmt=config.format,
+                     qdq_encoding=config.qdq_encoding)
     try:
         onnx.checker.check_model(qmodel)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not bad input

@@ -13,7 +13,7 @@ from typing import List, Optional
 from rich.console import Console
 
 from . import __version__
-from .config import (ACT_MODES, AUTO_ROUNDING_MAX_BITS, BIAS_MEANS, EQUALIZE, FORMATS, GRANULARITIES, OBJECTIVES,
+from .config import (ACT_MODES, AUTO_ROUNDING_MAX_BITS, BIAS_MEANS, EQUALIZE, FORMATS, QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES,
                      ROUNDINGS, SENSITIVITIES, QuantConfig)
 from .data import PREPROCESSING
 from .errors import MxqnError
@@ -96,6 +96,11 @@ def _add_convert(sub) -> None:
                    help="mxqn: Cast/Mul weights and FixedQuant/LogQuant nodes (default); qdq: standard "
                         "QuantizeLinear/DequantizeLinear with scales 2^-f for fixed-point tensors "
                         "(log activations stay custom nodes; with --act-quant fixed the model is all standard ONNX)")
+    o.add_argument("--qdq-encoding", choices=QDQ_ENCODINGS, default="safe",
+                   help="how --format qdq stores 8-bit codes: safe (default; uint8 with zero point 128 "
+                        "where int8 weights could saturate onnxruntime's int16 pair sums on x86 CPUs "
+                        "without VNNI: exact on every CPU) or int8 (signed, zero point 0: for TensorRT; "
+                        "exact in onnxruntime only with VNNI or on Arm)")
     o.add_argument("--opset", type=int, default=None, metavar="N",
                    help="raise the output's opset to N (21+ stores <=4-bit weights as packed int4 "
                         "and allows 16-bit QDQ)")
@@ -270,7 +275,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         align_channels=args.align_channels, allow_empty=args.allow_empty,
         bias_means=args.bias_means, rounding=args.rounding, act_objective=args.act_objective,
         equalize=args.equalize, data_samples=args.data_samples,
-        format=args.format, opset=args.opset,
+        format=args.format, opset=args.opset, qdq_encoding=args.qdq_encoding,
         target_sqnr_db=args.target_sqnr, avg_wbits=args.avg_wbits, avg_abits=args.avg_abits,
         max_size_mb=args.max_size, max_accuracy_drop=args.max_accuracy_drop, bits_set=args.bits_set,
         sensitivity=args.sensitivity, refine_steps=args.refine,

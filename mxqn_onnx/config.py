@@ -10,6 +10,8 @@ from .errors import MxqnError
 GRANULARITIES = ("auto", "tensor", "channel")
 ACT_MODES = ("auto", "fixed", "log")
 FORMATS = ("mxqn", "qdq")
+#: How the qdq format stores 8-bit codes; see :mod:`mxqn_onnx.qdq`.
+QDQ_ENCODINGS = ("safe", "int8", "s8s8")
 MIN_BITS, MAX_BITS = 2, 16
 SENSITIVITIES = ("quantizer", "noise", "none")
 ROUNDINGS = ("nearest", "gptq", "auto")
@@ -75,6 +77,10 @@ class QuantConfig:
             (standard QuantizeLinear/DequantizeLinear with scales 2^-f where expressible).
         opset: raise the output's default-domain opset to this (None: keep the model's, at
             least 13). Opset 21 allows packed int4 weights and 16-bit QDQ.
+        qdq_encoding: how ``qdq`` stores 8-bit codes: ``safe`` (uint8 with zero point 128
+            wherever int8 weights could saturate onnxruntime's int16 pair sums on x86 CPUs
+            without VNNI; exact on every CPU) or ``int8`` (signed, zero point 0 everywhere:
+            what TensorRT accepts; exact in onnxruntime only with VNNI or on Arm).
 
     Mixed precision (any of these turns it on; see :mod:`mxqn_onnx.mixed`):
         target_sqnr_db: output SQNR to reach with the fewest bits (weights + activations).
@@ -119,6 +125,7 @@ class QuantConfig:
     allow_empty: bool = False
     format: str = "mxqn"
     opset: Optional[int] = None
+    qdq_encoding: str = "safe"
     target_sqnr_db: Optional[float] = None
     avg_wbits: Optional[float] = None
     avg_abits: Optional[float] = None
@@ -150,7 +157,7 @@ class QuantConfig:
             if not isinstance(self.opset, int) or isinstance(self.opset, bool) or not 13 <= self.opset <= newest:
                 raise MxqnError(f"opset must be an integer from 13 to {newest}, got {self.opset!r}")
         for name, allowed in (("rounding", ROUNDINGS), ("act_objective", OBJECTIVES), ("equalize", EQUALIZE),
-                              ("bias_means", BIAS_MEANS)):
+                              ("bias_means", BIAS_MEANS), ("qdq_encoding", QDQ_ENCODINGS)):
             if getattr(self, name) not in allowed:
                 raise MxqnError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not isinstance(self.data_samples, int) or isinstance(self.data_samples, bool) or self.data_samples < 0:

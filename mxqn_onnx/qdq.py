@@ -13,11 +13,23 @@ directly. :func:`add_producer_quantizers` therefore repeats an activation quanti
 output of the quantized layer that produces it, when only quantization-transparent ops
 (Relu, MaxPool, reshapes) sit between them; the result is unchanged because a monotone
 quantizer commutes with those ops (see docs/FORMAT.md).
+
+**Integer encoding of 8-bit codes** (``QuantConfig.qdq_encoding``). On x86 CPUs without VNNI,
+onnxruntime's fused U8S8 kernels multiply with ``VPMADDUBSW``, which adds two adjacent
+``uint8 x int8`` products into an int16 and saturates: ``2 * 255 * 128`` does not fit. The
+default ``safe`` encoding therefore stores a layer's 8-bit weights as int8 (zero point 0) only
+when no such pair can leave int16 (:func:`pair_fits_int16`), and otherwise as uint8 with zero
+point 128, so the fused kernel is U8U8 (products widened to int16 operands, exact on every
+CPU). Signed 8-bit activations are stored as uint8 with zero point 128 (int8 activations
+would force int8 weights). The codes, and so the grid, are unchanged: ``q + 128`` with zero
+point 128 dequantizes to the same value. ``int8`` keeps every 8-bit tensor signed with zero
+point 0: what TensorRT's explicit quantization accepts, exact in onnxruntime on CPUs with VNNI
+or Arm dot-product instructions.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -31,23 +43,72 @@ from .containers import Container, container_for
 TRANSPARENT_OPS = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
                    "Identity"}
 
+#: ``VPMADDUBSW`` adds two ``uint8 x int8`` products into a saturating int16.
+INT16_MAX = 2 ** 15 - 1
+
+#: Zero point that moves signed 8-bit codes into uint8.
+UINT8_OFFSET = 128
+
+
+def act_code_max(dec: ActDecision) -> int:
+    """Largest raw uint8 code the activation can take in the ``safe`` encoding."""
+    _, hi = Q.fxp_range(dec.bits, dec.signed)
+    return hi + (UINT8_OFFSET if dec.signed else 0)  # signed codes are stored shifted by 128
+
+
+def pair_fits_int16(weight_codes: np.ndarray, act_max: int) -> bool:
+    """Whether any two products ``a * w`` (``0 <= a <= act_max``) summed stay within int16.
+
+    The bound is taken over the two largest weight magnitudes, whatever pair the kernel's
+    packing puts side by side.
+    """
+    w = np.abs(np.asarray(weight_codes, dtype=np.int64)).ravel()
+    if w.size == 0:
+        return True
+    top = np.sort(w)[-2:] if w.size > 1 else np.concatenate([w, [0]])
+    return int(act_max) * int(top.sum()) <= INT16_MAX
+
+
+def weight_storage(container: Container, codes: np.ndarray, act: Optional[ActDecision],
+                   encoding: str) -> Tuple[Container, int]:
+    """The container and zero point of a layer's weight codes in the QDQ output.
+
+    ``act`` is the layer's input quantizer when it is QDQ (the layer may fuse), else None.
+    """
+    if (encoding == "safe" and act is not None and container.name == "int8"
+            and act.bits <= 8 and not pair_fits_int16(codes, act_code_max(act))):
+        return container_for(8, False, 13), UINT8_OFFSET
+    return container, 0
+
+
+def act_storage(dec: ActDecision, opset: int, encoding: str) -> Tuple[Container, int]:
+    """The container and zero point of an activation's QuantizeLinear in the QDQ output."""
+    c = container_for(dec.bits, dec.signed, opset)
+    if encoding == "safe" and c.name == "int8":
+        return container_for(8, False, opset), UINT8_OFFSET
+    if encoding == "s8s8" and c.name == "uint8":
+        return container_for(8, True, opset), -UINT8_OFFSET
+    return c, 0
+
 
 def _scale_constant(name: str, frac) -> gs.Constant:
     return gs.Constant(name, Q.pow2(-np.asarray(frac, dtype=np.float64)).astype(np.float32))
 
 
 def dequantize_constant(graph: gs.Graph, name: str, codes: np.ndarray, frac, axis: Optional[int],
-                        container: Container, retype: Dict[str, Container]) -> gs.Variable:
-    """``DequantizeLinear(codes, 2^-frac, 0, axis)`` for a constant; returns its float output.
+                        container: Container, retype: Dict[str, Container],
+                        zero_point: int = 0) -> gs.Variable:
+    """``DequantizeLinear(codes + zp, 2^-frac, zp, axis)`` for a constant; returns its float output.
 
     ``frac`` is a scalar or a 1-D array along ``axis``.
     """
     frac = np.asarray(frac, dtype=np.int64)
-    q = gs.Constant(f"{name}_q", np.ascontiguousarray(codes.astype(container.placeholder)))
+    stored = np.asarray(codes, dtype=np.int64) + zero_point
+    q = gs.Constant(f"{name}_q", np.ascontiguousarray(stored.astype(container.placeholder)))
     scale = _scale_constant(f"{name}_scale", frac)
     inputs = [q, scale]
     if container.name != "int32":  # int32 zero point must be 0 and may be omitted
-        zp = gs.Constant(f"{name}_zero_point", np.zeros(frac.shape, dtype=container.placeholder))
+        zp = gs.Constant(f"{name}_zero_point", np.full(frac.shape, zero_point, dtype=container.placeholder))
         inputs.append(zp)
         retype[zp.name] = container
     retype[q.name] = container
@@ -58,14 +119,15 @@ def dequantize_constant(graph: gs.Graph, name: str, codes: np.ndarray, frac, axi
 
 
 def quantize_activation(graph: gs.Graph, tensor: gs.Variable, dec: ActDecision, opset: int,
-                        retype: Dict[str, Container], suffix: str = "qdq") -> gs.Variable:
+                        retype: Dict[str, Container], suffix: str = "qdq",
+                        encoding: str = "safe") -> gs.Variable:
     """``[Clip ->] QuantizeLinear -> DequantizeLinear`` for a fixed-point activation."""
     assert dec.kind == "fixed"
-    c = container_for(dec.bits, dec.signed, opset)
+    c, offset = act_storage(dec, opset, encoding)
     base = f"{tensor.name}_{suffix}"
     x = tensor
-    lo, hi = Q.fxp_range(dec.bits, dec.signed)
-    if (lo, hi) != Q.fxp_range(c.width, c.signed):
+    if needs_clip(dec, opset):
+        lo, hi = Q.fxp_range(dec.bits, dec.signed)
         # the container saturates wider than the quantizer: clip to the quantizer's range
         # first (exact: the bounds are multiples of the step 2^-f)
         step = float(Q.pow2(-dec.frac))
@@ -75,7 +137,7 @@ def quantize_activation(graph: gs.Graph, tensor: gs.Variable, dec: ActDecision, 
             gs.Constant(f"{base}_max", np.array(hi * step, dtype=np.float32))], [clipped]))
         x = clipped
     scale = _scale_constant(f"{base}_scale", dec.frac)
-    zp = gs.Constant(f"{base}_zero_point", np.zeros((), dtype=c.placeholder))
+    zp = gs.Constant(f"{base}_zero_point", np.array(offset, dtype=c.placeholder))
     retype[zp.name] = c
     q = gs.Variable(f"{base}_q")  # no value_info: 4-bit types have no numpy placeholder
     out = gs.Variable(f"{base}_dq", dtype=np.float32, shape=tensor.shape)
@@ -85,12 +147,13 @@ def quantize_activation(graph: gs.Graph, tensor: gs.Variable, dec: ActDecision, 
 
 
 def needs_clip(dec: ActDecision, opset: int) -> bool:
+    """Whether the quantizer's range is narrower than its container's (the offset keeps the range)."""
     c = container_for(dec.bits, dec.signed, opset)
     return Q.fxp_range(dec.bits, dec.signed) != Q.fxp_range(c.width, c.signed)
 
 
 def add_producer_quantizers(graph: gs.Graph, qdq_acts: Dict[str, ActDecision], fusable: Set[str],
-                            opset: int, retype: Dict[str, Container]) -> List[str]:
+                            opset: int, retype: Dict[str, Container], encoding: str = "safe") -> List[str]:
     """Repeat each QDQ activation quantizer at the output of the layer producing it.
 
     ``qdq_acts`` maps the original activation tensor names to their fixed-point decisions;
@@ -131,7 +194,7 @@ def add_producer_quantizers(graph: gs.Graph, qdq_acts: Dict[str, ActDecision], f
         if first.op == "Relu" and not dec.signed and len(first.outputs[0].outputs) == 1:
             y = first.outputs[0]
         readers = list(y.outputs)
-        dq = quantize_activation(graph, y, dec, opset, retype, suffix="out_qdq")
+        dq = quantize_activation(graph, y, dec, opset, retype, suffix="out_qdq", encoding=encoding)
         for node in readers:
             for i, inp in enumerate(node.inputs):
                 if inp is y:

@@ -80,12 +80,13 @@ def _bias_frac_for_qdq(dec: LayerDecision, shape) -> Optional[np.ndarray]:
 
 def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision],
             acts: Dict[str, ActDecision], source: onnx.ModelProto, metadata: dict,
-            fmt: str = "mxqn") -> onnx.ModelProto:
+            fmt: str = "mxqn", qdq_encoding: str = "safe") -> onnx.ModelProto:
     """Quantize ``graph`` in place per ``decisions`` and export it as a ModelProto.
 
     ``fmt`` is ``"mxqn"`` (Cast/Mul dequantization, custom quantizer nodes) or ``"qdq"``
     (standard QuantizeLinear/DequantizeLinear wherever the opset can express the tensor;
     log quantizers, and widths the opset lacks, stay as custom nodes / Cast+Mul).
+    ``qdq_encoding`` is how ``qdq`` stores 8-bit codes (see :mod:`mxqn_onnx.qdq`).
     """
     opset = max(int(graph.opset), MIN_OPSET)  # the normalised graph's opset (upgraded if it was older)
     retype: Dict[str, Container] = {}
@@ -100,13 +101,15 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
         wcont = container_for(wd.bits, True, opset)
         # data-aware rounding chose the grid values itself; they are exact multiples of 2^-f
         codes = Q.fxp_codes(w if dec.weight_values is None else dec.weight_values, wd.bits, frac, True)
+        in_qdq = _uses_qdq_act(acts[layer.data.name], fmt, opset)
         if fmt == "qdq" and qdq_supports(wd.bits, opset):
+            wcont, zero_point = qdq.weight_storage(wcont, codes, acts[layer.data.name] if in_qdq else None,
+                                                   qdq_encoding)
             node.inputs[layer.weight_index] = qdq.dequantize_constant(
-                graph, f"{dec.name}.weight", codes, wd.frac, wd.axis, wcont, retype)
+                graph, f"{dec.name}.weight", codes, wd.frac, wd.axis, wcont, retype, zero_point)
         else:
             node.inputs[layer.weight_index] = _dequantized(graph, f"{dec.name}.weight", codes, frac,
                                                            wcont, retype)
-        in_qdq = _uses_qdq_act(acts[layer.data.name], fmt, opset)
         bias_qdq = True
         if dec.bias_frac is not None:
             b = layer.bias if dec.bias_values is None else dec.bias_values
@@ -129,7 +132,8 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
         data = layer.data
         if data.name not in quantized:
             if in_qdq:
-                quantized[data.name] = qdq.quantize_activation(graph, data, acts[data.name], opset, retype)
+                quantized[data.name] = qdq.quantize_activation(graph, data, acts[data.name], opset, retype,
+                                                               encoding=qdq_encoding)
                 qdq_acts[data.name] = acts[data.name]
             else:
                 quantized[data.name] = _act_node(graph, data, acts[data.name])
@@ -137,7 +141,7 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
         if in_qdq and bias_qdq and qdq_supports(wd.bits, opset):
             fusable.add(node.name)
     if fmt == "qdq":
-        qdq.add_producer_quantizers(graph, qdq_acts, fusable, opset, retype)
+        qdq.add_producer_quantizers(graph, qdq_acts, fusable, opset, retype, qdq_encoding)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
     graph.opset = opset

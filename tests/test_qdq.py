@@ -62,7 +62,9 @@ def test_qdq_fixed_is_standard_onnx(fixed_pair):
         mant, _ = np.frexp(scale)
         assert np.all(mant == 0.5), f"{n.name}: scale is not a power of two"
         if len(n.input) > 2:
-            assert np.all(inits[n.input[2]] == 0)
+            zp = inits[n.input[2]]
+            # zero point 0, or 128 on uint8 codes (the safe encoding's offset for signed codes)
+            assert np.all(zp == 0) or (zp.dtype == np.uint8 and np.all(zp == 128))
     assert nq > 0
     meta = json.loads(next(p.value for p in m.metadata_props if p.key == METADATA_KEY))
     assert meta["format"] == "qdq"
@@ -171,3 +173,111 @@ def test_cli_qdq_opset(tmp_path, digits_model, digits_calib, digits_test):
     assert json.loads(p.stdout)["output_sqnr_db"] > 25
     p = run_cli("convert", digits_model, out, "--calib", digits_calib, "--format", "nope")
     assert p.returncode == 2
+
+
+# ------------------------------------------------------------------ integer encoding (issue: VNNI)
+#
+# On x86 CPUs without VNNI, onnxruntime's fused U8S8 kernels add two adjacent uint8 x int8
+# products into a saturating int16 (VPMADDUBSW). These tests check the encoding itself, so they
+# fail on an unsafe encoding whatever CPU runs them; the fused-vs-unfused comparison above and
+# below catches the symptom on CPUs where it shows.
+
+_INT16_MAX = 2 ** 15 - 1
+
+
+def _fused_layer_operands(model: onnx.ModelProto):
+    """(layer, activation codes range, activation type, weight codes, weight type) per QDQ layer."""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        x_dq, w_dq = producer.get(n.input[0]), producer.get(n.input[1])
+        if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        q = producer[x_dq.input[0]]
+        assert q.op_type == "QuantizeLinear"
+        act_zp = inits[q.input[2]]
+        lo, hi = (0, 255) if act_zp.dtype == np.uint8 else (-128, 127)
+        clip = producer.get(q.input[0])
+        if clip is not None and clip.op_type == "Clip":  # narrower than the container
+            scale = float(inits[q.input[1]])
+            lo = max(lo, int(round(float(inits[clip.input[1]]) / scale)) + int(act_zp))
+            hi = min(hi, int(round(float(inits[clip.input[2]]) / scale)) + int(act_zp))
+        w_codes = inits[w_dq.input[0]]
+        w_zp = inits[w_dq.input[2]] if len(w_dq.input) > 2 else np.zeros((), w_codes.dtype)
+        out.append((n.name, (lo, hi), act_zp.dtype, w_codes.astype(np.int64), w_codes.dtype,
+                    w_zp.astype(np.int64)))
+    return out
+
+
+def _int16_pair_safe(act_range, act_type, w_codes, w_type) -> bool:
+    """Whether the layer's fused product is exact on every x86 CPU.
+
+    U8U8 runs on int16-widened operands (exact). For U8S8 the raw uint8 codes a in act_range
+    meet raw int8 codes w: every pair a1*w1 + a2*w2 must fit int16.
+    """
+    if act_type == np.uint8 and w_type == np.uint8:
+        return True
+    if act_type == np.uint8 and w_type == np.int8:
+        top2 = np.sort(np.abs(w_codes).ravel())[-2:].sum()
+        return act_range[1] * top2 <= _INT16_MAX
+    return False  # S8S8 is not claimed exact
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(wbits=7), dict(abits=7), dict(wbits=6, abits=6),
+                                dict(weight_granularity="tensor")])
+def test_default_encoding_cannot_saturate_int16_pairs(digits_model, digits_calib, test_x, kw):
+    r = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", act_quant="fixed", verify=False, **kw)
+    layers = _fused_layer_operands(r.model)
+    assert len(layers) == len(r.layers)  # every layer has QDQ operands
+    for name, act_range, act_type, w_codes, w_type, w_zp in layers:
+        assert _int16_pair_safe(act_range, act_type, w_codes - w_zp.reshape((-1,) + (1,) * (w_codes.ndim - 1))
+                                if w_zp.ndim else w_codes - w_zp, w_type), name
+    # the codes are the same grid whatever the encoding: outputs equal the mxqn format's
+    mx = mxqn_onnx.quantize(digits_model, digits_calib, act_quant="fixed", verify=False, **kw)
+    ref = _run(mx.model, test_x)
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        got = _run(r.model, test_x, level)
+        assert _sqnr(ref, got) > 60.0
+        assert np.mean(ref.argmax(1) == got.argmax(1)) == 1.0
+
+
+def test_8bit_weights_become_uint8_only_where_int8_could_saturate(digits_model, digits_calib):
+    kw = dict(format="qdq", act_quant="fixed", verify=False)
+    w8 = mxqn_onnx.quantize(digits_model, digits_calib, **kw)
+    w7 = mxqn_onnx.quantize(digits_model, digits_calib, wbits=7, **kw)
+    # 8-bit weights against 8-bit activations could overflow: U8U8; 7-bit weights cannot: int8 kept
+    assert {t for _, _, _, _, t, _ in _fused_layer_operands(w8.model)} == {np.dtype(np.uint8)}
+    assert {t for _, _, _, _, t, _ in _fused_layer_operands(w7.model)} == {np.dtype(np.int8)}
+    # signed activations (the normalised input) are offset into uint8 as well
+    assert {t for _, _, t, _, _, _ in _fused_layer_operands(w8.model)} == {np.dtype(np.uint8)}
+    # the offset codes are the signed codes + 128: same weights after dequantization
+    legacy = mxqn_onnx.quantize(digits_model, digits_calib, qdq_encoding="int8", **kw)
+    for (_, _, _, a, _, za), (_, _, _, b, _, zb) in zip(_fused_layer_operands(w8.model),
+                                                        _fused_layer_operands(legacy.model)):
+        shape = (-1,) + (1,) * (a.ndim - 1) if za.ndim else ()
+        np.testing.assert_array_equal(a - za.reshape(shape), b - zb.reshape(shape))
+
+
+def test_int8_encoding_is_the_unsafe_one_the_check_catches(digits_model, digits_calib, test_x):
+    """The legacy signed encoding breaks the int16 pair bound, so the check above can fail."""
+    r = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", act_quant="fixed", verify=False,
+                           qdq_encoding="int8")
+    layers = _fused_layer_operands(r.model)
+    assert not all(_int16_pair_safe(a, at, w, wt) for _, a, at, w, wt, _ in layers)
+    # and it is still exact where no fusion happens
+    mx = mxqn_onnx.quantize(digits_model, digits_calib, act_quant="fixed", verify=False)
+    assert _sqnr(_run(mx.model, test_x), _run(r.model, test_x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)) > 60.0
+
+
+def test_cli_qdq_encoding(tmp_path, digits_model, digits_calib):
+    out = tmp_path / "q.onnx"
+    p = run_cli("convert", digits_model, out, "--calib", digits_calib, "--format", "qdq", "--act-quant",
+                "fixed", "--qdq-encoding", "int8", "--quiet", "--no-verify")
+    assert p.returncode == 0, p.stderr
+    types = {t.data_type for t in onnx.load(str(out)).graph.initializer if t.name.endswith(".weight_q")}
+    assert types == {onnx.TensorProto.INT8}
+    p = run_cli("convert", digits_model, out, "--calib", digits_calib, "--qdq-encoding", "u4")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
