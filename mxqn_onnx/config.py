@@ -11,7 +11,7 @@ GRANULARITIES = ("auto", "tensor", "channel")
 ACT_MODES = ("auto", "fixed", "log")
 FORMATS = ("mxqn", "qdq")
 #: How the qdq format stores 8-bit codes; see :mod:`mxqn_onnx.qdq`.
-QDQ_ENCODINGS = ("safe", "int8", "s8s8")
+QDQ_ENCODINGS = ("safe", "int8")
 MIN_BITS, MAX_BITS = 2, 16
 SENSITIVITIES = ("quantizer", "noise", "none")
 ROUNDINGS = ("nearest", "gptq", "auto")

@@ -86,8 +86,6 @@ def act_storage(dec: ActDecision, opset: int, encoding: str) -> Tuple[Container,
     c = container_for(dec.bits, dec.signed, opset)
     if encoding == "safe" and c.name == "int8":
         return container_for(8, False, opset), UINT8_OFFSET
-    if encoding == "s8s8" and c.name == "uint8":
-        return container_for(8, True, opset), -UINT8_OFFSET
     return c, 0
 
 
