@@ -53,3 +53,21 @@ def test_bodies_run_at_other_opsets(x, opset):
     np.testing.assert_array_equal(y, Q.log_quantize(x, 4, 1, 2, True))
     y = _session(F.FIXED_OP, dict(bits=8, frac=4, signed=0), opset).run(None, {"x": x})[0]
     np.testing.assert_array_equal(y, Q.fxp_quantize(x, 8, 4, False))
+
+
+@pytest.mark.parametrize("bits,k,E,signed", [(4, 0, 2, 1), (5, 1, -3, 0), (8, 2, 4, 0), (8, 5, 10, 1),
+                                             (7, 0, -5, 0), (6, 3, 0, 1)])
+def test_log_quant_body_at_levels_and_thresholds(bits, k, E, signed):
+    """Inputs on every level and every decision threshold, and one float32 step either side."""
+    m = Q.log_num_levels(bits, bool(signed))
+    levels = Q.pow2((E - np.arange(m)) / 2.0 ** k)[::-1]  # ascending
+    v = np.concatenate([[0.0], levels]).astype(np.float32)
+    thr = ((v[:-1] + v[1:]) * np.float32(0.5)).astype(np.float32)
+    pts = np.concatenate([v, thr])
+    pts = np.concatenate([pts, np.nextafter(pts, np.float32(np.inf)), np.nextafter(pts, np.float32(0))])
+    x = np.concatenate([pts, -pts]).astype(np.float32)
+    y = _session(F.LOG_OP, dict(bits=bits, k=k, E=E, signed=signed), 13).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, Q.log_quantize(x, bits, k, E, bool(signed)))
+    # ties at a threshold go to the upper level, as the format defines
+    up = Q.log_quantize(thr[1:], bits, k, E, bool(signed))
+    np.testing.assert_array_equal(up, v[2:])
