@@ -14,7 +14,10 @@ such error adds up coherently in the next convolution. Because that depends stro
 width (a 2-bit quantizer is not a small perturbation), every unit is probed at every
 candidate width: the sensitivity is a table ``s_i(b)``, and the allocator's model is
 ``1/SQNR_out = sum_i s_i(b_i) / SQNR_i(b_i)``, i.e. each unit's measured output noise at
-each width. Cost: one probe session per width and one run per unit, width and batch.
+each width. Cost: one probe session, and one run per unit, width and probe batch; the probe
+batches hold at most :data:`PROBE_INPUT_VALUES` input values (high-resolution samples are
+centre-cropped where the model accepts other sizes), so the cost does not grow with the
+resolution.
 
 **Noise injection** (``sensitivity="noise"``, cheaper, width-independent): one *probe model* is built once, in which every
 quantized layer's weight ``W`` becomes ``W + a_W * RandomNormalLike(W)`` and every quantized
@@ -186,47 +189,127 @@ def build_error_probe(fp32: onnx.ModelProto, layers: Sequence[Layer]) -> Tuple[o
     return model, errs
 
 
-def probe_quantizers(fp32: onnx.ModelProto, layers: Sequence[Layer], batches: Sequence[Feed],
-                     weight_error: Dict[str, np.ndarray], act_quant: Dict[str, object],
-                     unit_noise: Dict[UnitKey, float], only: Optional[set] = None) -> Dict[UnitKey, float]:
+class QuantizerProbe:
     """Sensitivity of every unit, quantizing one unit at a time with its real quantizer.
 
-    The activation errors ``Q(x) - x`` are computed in numpy from the FP32 activations
-    (:meth:`ActDecision.quantize` is bit-exact with the quantizer ops), so the probe runs no
-    quantizer op. ``unit_noise`` is each unit's own noise-to-signal ratio under its quantizer
-    (1/SQNR_i); the sensitivity is the output's noise-to-signal ratio divided by it.
-    ``only`` restricts the runs to those units.
+    The probe model, its session, the FP32 outputs and the FP32 activations of the probe
+    batches are made once and serve every width. The activation errors ``Q(x) - x`` are
+    computed in numpy from those activations (:meth:`ActDecision.quantize` is bit-exact with
+    the quantizer ops), so the probe runs no quantizer op.
     """
-    model, errs = build_error_probe(fp32, layers)
-    session = make_session(model)
-    outputs = [o.name for o in session.get_outputs()]
-    tensors = [t for t in act_quant if t not in batches[0]] if batches else []
-    ref_session = make_session(fp32, tensors)
-    ref_names = outputs + tensors
-    refs, act_err = [], []
+
+    def __init__(self, fp32: onnx.ModelProto, layers: Sequence[Layer], batches: Sequence[Feed],
+                 tensors: Sequence[str]) -> None:
+        model, self.errs = build_error_probe(fp32, layers)
+        self.session = make_session(model)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.batches = list(batches)
+        inner = [t for t in dict.fromkeys(tensors) if not self.batches or t not in self.batches[0]]
+        ref_session = make_session(fp32, inner)
+        self.refs, self.values = [], []
+        for feed in self.batches:
+            got = ref_session.run(self.outputs + inner, feed)
+            self.refs.append(got[:len(self.outputs)])
+            values = dict(zip(inner, got[len(self.outputs):]))
+            values.update({k: v for k, v in feed.items() if k in tensors})
+            self.values.append(values)
+        del ref_session
+        self.signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for ref in self.refs for r in ref)
+
+    def run(self, weight_error: Dict[str, np.ndarray], act_quant: Dict[str, object],
+            unit_noise: Dict[UnitKey, float], only: Optional[set] = None) -> Dict[UnitKey, float]:
+        """``unit_noise`` is each unit's own noise-to-signal ratio under its quantizer
+        (1/SQNR_i); the sensitivity is the output's noise-to-signal ratio divided by it.
+        ``only`` restricts the runs to those units."""
+        out: Dict[UnitKey, float] = {}
+        for key, err_name in self.errs.items():
+            if only is not None and key not in only:
+                continue
+            own = unit_noise.get(key, 0.0)
+            if own <= 0 or self.signal == 0:
+                out[key] = 1.0  # a noise-free unit: its sensitivity never matters
+                continue
+            kind, name = key
+            noise = 0.0
+            for feed, ref, values in zip(self.batches, self.refs, self.values):
+                if kind == "weight":
+                    e = weight_error[name]
+                else:
+                    x = values[name]
+                    e = act_quant[name].quantize(x) - x
+                got = self.session.run(self.outputs, {**feed, err_name: np.asarray(e, np.float32)})
+                noise += sum(float(np.sum((np.asarray(q, np.float64) - np.asarray(r, np.float64)) ** 2))
+                             for q, r in zip(got, ref))
+            out[key] = (noise / self.signal) / own
+        return out
+
+
+#: Input values (all inputs of one sample together) the probe runs per unit and width: as
+#: many as 64 samples of 64x64 grayscale, or one of 3x295x295. High-resolution samples are
+#: cropped to fit, where the model takes other sizes (its spatial dims are symbolic).
+PROBE_INPUT_VALUES = 2 ** 18
+#: Crops keep sizes that are multiples of this (the strides of an FPN / U-Net).
+CROP_MULTIPLE = 32
+
+
+def _sample_values(feed: Feed) -> Tuple[int, int]:
+    """(samples in the batch, input values per sample)."""
+    arrays = [np.asarray(a) for a in feed.values()]
+    n = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
+    return n, sum(int(a.size // max(n, 1)) for a in arrays)
+
+
+def _symbolic_spatial(fp32: onnx.ModelProto, name: str) -> bool:
+    for vi in fp32.graph.input:
+        if vi.name == name:
+            dims = vi.type.tensor_type.shape.dim
+            return len(dims) >= 3 and all(not d.HasField("dim_value") for d in dims[2:])
+    return False
+
+
+def probe_batches(fp32: onnx.ModelProto, batches: Sequence[Feed],
+                  budget: Optional[int] = None) -> Tuple[List[Feed], bool]:
+    """The calibration batches the probe runs on (at most ``budget`` input values in all),
+    and whether they were cropped.
+
+    Whole samples are taken first; a single sample over the budget is centre-cropped (sizes
+    multiples of :data:`CROP_MULTIPLE`) when every input has symbolic spatial dims, since a
+    sensitivity is a noise ratio that a window of the image estimates as well as the whole.
+    """
+    budget = PROBE_INPUT_VALUES if budget is None else budget
+    out: List[Feed] = []
+    used = 0
     for feed in batches:
-        got = ref_session.run(ref_names, feed)
-        refs.append(got[:len(outputs)])
-        values = dict(zip(tensors, got[len(outputs):]))
-        values.update({k: v for k, v in feed.items() if k in act_quant})
-        act_err.append({t: (act_quant[t].quantize(values[t]) - values[t]).astype(np.float32) for t in act_quant})
-    signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for ref in refs for r in ref)
-    out: Dict[UnitKey, float] = {}
-    for key, err_name in errs.items():
-        if only is not None and key not in only:
-            continue
-        own = unit_noise.get(key, 0.0)
-        if own <= 0 or signal == 0:
-            out[key] = 1.0  # a noise-free unit: its sensitivity never matters
-            continue
-        kind, name = key
-        noise = 0.0
-        for i, (feed, ref) in enumerate(zip(batches, refs)):
-            e = weight_error[name] if kind == "weight" else act_err[i][name]
-            got = session.run(outputs, {**feed, err_name: np.asarray(e, np.float32)})
-            noise += sum(float(np.sum((np.asarray(q, np.float64) - np.asarray(r, np.float64)) ** 2))
-                         for q, r in zip(got, ref))
-        out[key] = (noise / signal) / own
+        n, per = _sample_values(feed)
+        take = min(n, max(0, (budget - used) // max(per, 1)))
+        if take == 0 and not out:
+            first = {k: np.asarray(v)[:1] for k, v in feed.items()}
+            crop = _crop(fp32, first, budget)
+            return [crop], crop is not first
+        if take == 0:
+            break
+        out.append(feed if take == n else {k: np.asarray(v)[:take] for k, v in feed.items()})
+        used += take * per
+        if take < n:
+            break
+    return out, False
+
+
+def _crop(fp32: onnx.ModelProto, feed: Feed, budget: int) -> Feed:
+    arrays = {k: np.asarray(v) for k, v in feed.items()}
+    if not all(a.ndim >= 3 and _symbolic_spatial(fp32, k) for k, a in arrays.items()):
+        return feed
+    _, per = _sample_values(arrays)
+    ratio = (budget / per) ** (1.0 / max(a.ndim - 2 for a in arrays.values()))
+    out = {}
+    for k, a in arrays.items():
+        idx = [slice(None), slice(None)]
+        for size in a.shape[2:]:
+            keep = int(size * ratio) // CROP_MULTIPLE * CROP_MULTIPLE
+            keep = size if keep <= 0 or size % CROP_MULTIPLE else min(size, keep)
+            start = (size - keep) // 2 // CROP_MULTIPLE * CROP_MULTIPLE
+            idx.append(slice(start, start + keep))
+        out[k] = np.ascontiguousarray(a[tuple(idx)])
     return out
 
 
@@ -235,8 +318,8 @@ def make_probe(fp32: onnx.ModelProto, layers: Sequence[Layer], hists: Dict[str, 
     """The ``probe({unit: widths}) -> {unit: {width: sensitivity}}`` of :func:`mxqn_onnx.mixed.run`.
 
     ``config.sensitivity``: ``quantizer`` measures every unit at every one of its candidate
-    widths with the real quantizer (one probe model per width, one run per unit, width and
-    batch); ``noise`` injects Gaussian noise once and uses that for every width; ``none``
+    widths with the real quantizer (one probe model for all widths, one run per unit, width and
+    probe batch); ``noise`` injects Gaussian noise once and uses that for every width; ``none``
     returns None.
     """
     from . import quantizers as Q
@@ -245,37 +328,92 @@ def make_probe(fp32: onnx.ModelProto, layers: Sequence[Layer], hists: Dict[str, 
 
     if config.sensitivity == "none":
         return None
+    feeds, cropped = probe_batches(fp32, batches)
     if config.sensitivity == "noise":
         def noise_probe(unit_widths):
-            s = probe_sensitivities(fp32, layers, hists, batches, config.probe_sqnr_db)
+            s = probe_sensitivities(fp32, layers, hists, feeds, config.probe_sqnr_db)
             return {k: {b: s.get(k, 1.0) for b in ws} for k, ws in unit_widths.items()}
 
         return noise_probe
 
+    tensors = [layer.data.name for layer in layers]
+    state: Dict[str, QuantizerProbe] = {}
+
     def quant_probe(unit_widths):
+        if "probe" not in state:  # built on first use, shared by every width
+            try:
+                state["probe"] = QuantizerProbe(fp32, layers, feeds, tensors)
+            except Exception:
+                if not cropped:
+                    raise
+                # the model refused the crop (a fixed size inside): probe one whole sample
+                whole = {k: np.asarray(v)[:1] for k, v in batches[0].items()}
+                state["probe"] = QuantizerProbe(fp32, layers, [whole], tensors)
         out: Dict[UnitKey, Dict[int, float]] = {k: {} for k in unit_widths}
         all_widths = sorted({b for ws in unit_widths.values() for b in ws})
+        run_values = sum(_sample_values(f)[1] * _sample_values(f)[0] for f in state["probe"].batches)
+        measured = measured_widths(all_widths, len(unit_widths), run_values)
         for width in all_widths:
-            # units that have this width to measure; the others sit at any width they have
-            # (their perturbation stays switched off)
-            todo = {k for k, ws in unit_widths.items() if width in ws}
-            pick = {k: (width if width in ws else ws[0]) for k, ws in unit_widths.items()}
+            # units that have this width to measure (a unit none of whose widths is in
+            # ``measured`` is measured at all of them); the others stay switched off
+            todo = {k for k, ws in unit_widths.items()
+                    if width in ws and (width in measured or not set(ws) & set(measured))}
+            if not todo:
+                continue
             werr: Dict[str, np.ndarray] = {}
             acts: Dict[str, object] = {}
             own: Dict[UnitKey, float] = {}
             for layer in layers:
-                w = layer.weight
-                wd = choose_weight(w, pick[("weight", layer.name)], config.weight_granularity,
-                                   layer.channel_axis, config.channel_gain_db, config.weight_clip)
-                werr[layer.name] = Q.fxp_quantize(w, wd.bits, wd.frac_array(w.shape), True) - w
-                own[("weight", layer.name)] = db_to_noise(wd.sqnr_db)
+                if ("weight", layer.name) in todo:
+                    w = layer.weight
+                    wd = choose_weight(w, width, config.weight_granularity,
+                                       layer.channel_axis, config.channel_gain_db, config.weight_clip)
+                    werr[layer.name] = Q.fxp_quantize(w, wd.bits, wd.frac_array(w.shape), True) - w
+                    own[("weight", layer.name)] = db_to_noise(wd.sqnr_db)
                 t = layer.data.name
-                if t not in acts:
-                    acts[t] = choose_activation(hists[t], pick[("act", t)], config.act_quant, config.log_margin_db)
+                if ("act", t) in todo and t not in acts:
+                    acts[t] = choose_activation(hists[t], width, config.act_quant, config.log_margin_db)
                     own[("act", t)] = db_to_noise(acts[t].sqnr_db)
-            sens = probe_quantizers(fp32, layers, batches, werr, acts, own, only=todo)
+            sens = state["probe"].run(werr, acts, own, only=todo)
             for k in todo:
                 out[k][width] = sens[k]
-        return out
+        return {k: interpolate_widths(out[k], unit_widths[k]) for k in unit_widths}
 
     return quant_probe
+
+
+#: Input values the quantizer probe may process in all (units x widths x values per run)
+#: before it measures a subset of the widths and interpolates the others. Generous for the
+#: networks on small inputs (80 units at 7 widths on 64 samples of 3x32x32 fit 3 times over),
+#: it bounds a 140-unit network on 736x1088 pages (probed on a crop) to three widths.
+PROBE_TOTAL_VALUES = 2 ** 27
+
+
+def measured_widths(widths: Sequence[int], units: int, run_values: int,
+                    budget: Optional[int] = None) -> List[int]:
+    """The widths the probe measures: all of them when the probe fits ``budget``
+    (:data:`PROBE_TOTAL_VALUES`), else the lowest, the highest and evenly spaced ones in
+    between (at least three)."""
+    budget = PROBE_TOTAL_VALUES if budget is None else budget
+    widths = sorted(widths)
+    n = max(3, budget // max(units * run_values, 1))
+    if n >= len(widths):
+        return widths
+    idx = np.unique(np.round(np.linspace(0, len(widths) - 1, n)).astype(int))
+    return [widths[i] for i in idx]
+
+
+def interpolate_widths(measured: Dict[int, float], widths: Sequence[int]) -> Dict[int, float]:
+    """Sensitivities at every width from those measured, log-linear in the width between the
+    nearest measured neighbours (the nearest one beyond the ends)."""
+    if not measured:
+        return {}
+    known = sorted(measured)
+    logs = np.log(np.maximum([measured[b] for b in known], 1e-300))
+    out = {}
+    for b in widths:
+        if b in measured:
+            out[b] = measured[b]
+        else:
+            out[b] = float(np.exp(np.interp(b, known, logs)))
+    return out

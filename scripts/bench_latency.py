@@ -1,9 +1,10 @@
 """onnxruntime latency of FP32 vs the mxqn format vs the qdq format, measured in one run.
 
-For each model: convert it three ways (FP32 as is; ``--format mxqn``; ``--format qdq
---act-quant fixed``), time batch-1 inference of each in onnxruntime (CPU, all graph
-optimizations, the same thread settings), interleaving the models round by round so that
-clock and load drift hit all three alike, and print the median latencies with their ratios
+For each model: convert it four ways (FP32 as is; ``--format mxqn``; ``--format qdq
+--act-quant fixed`` in the default encoding and with ``--qdq-encoding int8``), time batch-1
+inference of each in onnxruntime (CPU, all graph optimizations, the same thread settings),
+interleaving the models round by round so that
+clock and load drift hit all of them alike, and print the median latencies with their ratios
 to FP32. File sizes (including ``--opset 21 --wbits 4`` with packed int4 weights) are printed
 too. Ratios are what to compare across machines; absolute times are only this machine's.
 
@@ -106,9 +107,10 @@ def bench(name: str, fp32_path: Path, calib, sample: np.ndarray, rounds: int, wa
     t = time.perf_counter()
     mx = mxqn_onnx.quantize(fp32, calib, format="mxqn", **common)
     qdq = mxqn_onnx.quantize(fp32, calib, format="qdq", act_quant="fixed", **common)
+    qdq_int8 = mxqn_onnx.quantize(fp32, calib, format="qdq", act_quant="fixed", qdq_encoding="int8", **common)
     int4 = mxqn_onnx.quantize(fp32, calib, format="qdq", act_quant="fixed", wbits=4, opset=21, **common)
     convert_s = time.perf_counter() - t
-    models = {"fp32": fp32, "mxqn": mx.model, "qdq": qdq.model}
+    models = {"fp32": fp32, "mxqn": mx.model, "qdq": qdq.model, "qdq-int8": qdq_int8.model}
     sessions = {k: session(m, threads) for k, m in models.items()}
     feed = {"input": sample}
     med = time_interleaved(sessions, feed, rounds, warmup)
@@ -158,8 +160,8 @@ def main(argv=None) -> int:
             r = results[-1]
             ms, ratio = r["median_ms"], r["ratio_to_fp32"]
             print(f"\n{r['model']} ({r['layers']} quantized layers, input {r['input_shape']})")
-            for k in ("fp32", "mxqn", "qdq"):
-                print(f"  {k:5s} {ms[k]:9.3f} ms   x{ratio[k]:.2f} of FP32")
+            for k in ("fp32", "mxqn", "qdq", "qdq-int8"):
+                print(f"  {k:8s} {ms[k]:9.3f} ms   x{ratio[k]:.2f} of FP32")
             print(f"  qdq (fixed point, 8 bit) is {r['speedup_qdq_vs_fp32']:.2f}x as fast as FP32")
             sz = r["size_bytes"]
             print("  file sizes: " + ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in sz.items()), flush=True)
