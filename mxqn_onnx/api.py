@@ -20,22 +20,24 @@ from typing import Dict, List, Optional, Tuple
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import __version__, correction, functions
-from .align import align_channel_ranges, equalize_channel_ranges
-from .calibrate import collect_histograms
-from .observers import TensorSample
-from .choose import ActDecision, LayerDecision, choose_all, model_rounding_cost
+from ._version import __version__
+from .calibration.calibrate import collect_histograms
+from .calibration.data import CalibrationLike, input_specs, make_source
+from .calibration.observers import TensorSample
 from .config import QuantConfig
-from .data import CalibrationLike, input_specs, make_source
 from .errors import MxqnError, first_line
-from .layers import Skipped, find_layers
-from .containers import weight_container
-from .loading import METADATA_KEY, MIN_OPSET, ModelLike, default_opset, load_model, normalise
-from .measure import Comparison, compare
-from .quantizers import combine_sqnr_db
-from .rewrite import FORMAT_VERSION, rewrite
-from .mixed import packed_weight_bytes
-from .plots import histogram_summary
+from .graph import functions
+from .graph.containers import weight_container
+from .graph.layers import Skipped, find_layers
+from .graph.loading import METADATA_KEY, MIN_OPSET, ModelLike, default_opset, load_model, normalise
+from .graph.rewrite import FORMAT_VERSION, rewrite
+from .lowbit import correction
+from .lowbit.align import align_channel_ranges, equalize_channel_ranges
+from .mixed.search import packed_weight_bytes
+from .quant.choose import ActDecision, LayerDecision, choose_all, model_rounding_cost
+from .quant.quantizers import combine_sqnr_db
+from .report.measure import Comparison, compare
+from .report.plots import histogram_summary
 
 
 def _finite(x):
@@ -195,7 +197,7 @@ def _normalised_fp32(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProt
 
 def _equalize(graph: gs.Graph, config: QuantConfig) -> dict:
     """Cross-layer equalization, with each layer's weight SQNR at ``wbits`` before and after."""
-    from .choose import choose_weight
+    from .quant.choose import choose_weight
 
     def weight_sqnr() -> Dict[str, float]:
         layers, _ = find_layers(graph, config.exclude)
@@ -225,13 +227,13 @@ def _keep_float(layers, skipped, config: QuantConfig):
 
 def _mixed_precision(graph, layers, skipped, hists, n_samples, config: QuantConfig, fp32, source,
                      kept, source_model, validation, progress: bool, samples=None, means=None):
-    """Sensitivities, then allocation with verification (:mod:`mxqn_onnx.mixed`).
+    """Sensitivities, then allocation with verification (:mod:`mxqn_onnx.mixed.search`).
 
     Candidate models are rewritten from copies of the normalised graph, which stays untouched
     for the final rewrite.
     """
-    from . import mixed
-    from .sensitivity import make_probe
+    from .mixed import search as mixed
+    from .mixed.sensitivity import make_probe
 
     def log(msg: str) -> None:
         if progress:

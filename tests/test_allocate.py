@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mxqn_onnx.allocate import (Allocator, Unit, allocate, brute_force, build_frontier, db_to_noise,
+from mxqn_onnx.mixed.allocate import (Allocator, Unit, allocate, brute_force, build_frontier, db_to_noise,
                                 noise_to_db, predict_db)
 from mxqn_onnx.errors import MxqnError
 

@@ -8,11 +8,11 @@ import onnx
 import pytest
 
 import mxqn_onnx
-from mxqn_onnx import quantizers as Q
-from mxqn_onnx.calibrate import collect_histograms, make_session
-from mxqn_onnx.data import input_specs, make_source
+from mxqn_onnx.quant import quantizers as Q
+from mxqn_onnx.calibration.calibrate import collect_histograms, make_session
+from mxqn_onnx.calibration.data import input_specs, make_source
 from mxqn_onnx.errors import MxqnError
-from mxqn_onnx.observers import TensorHistogram, sample_stride
+from mxqn_onnx.calibration.observers import TensorHistogram, sample_stride
 
 
 @pytest.mark.parametrize("shape,cap", [((16, 256, 56, 56), 1 << 20), ((4, 64, 30, 30), 10_000),
@@ -128,7 +128,7 @@ def test_histograms_do_not_depend_on_how_batches_are_cut(digits_model, digits_ca
 
 
 def test_reused_output_buffers_give_fresh_results(digits_model, digits_calib):
-    from mxqn_onnx.calibrate import _ReusingRunner
+    from mxqn_onnx.calibration.calibrate import _ReusingRunner
 
     m = onnx.load(str(digits_model))
     names = [n.output[0] for n in m.graph.node if n.op_type == "Relu"][:3]

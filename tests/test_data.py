@@ -6,8 +6,8 @@ import pytest
 
 import mxqn_onnx
 from mxqn_onnx import MxqnError
-from mxqn_onnx.data import input_specs, make_source
-from mxqn_onnx.observers import TensorHistogram
+from mxqn_onnx.calibration.data import input_specs, make_source
+from mxqn_onnx.calibration.observers import TensorHistogram
 
 
 @pytest.fixture(scope="module")

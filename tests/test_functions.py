@@ -6,7 +6,8 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from mxqn_onnx import functions as F, quantizers as Q
+from mxqn_onnx.graph import functions as F
+from mxqn_onnx.quant import quantizers as Q
 
 BITS = [2, 3, 4, 5, 6, 7, 8, 16]
 

@@ -6,8 +6,8 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 import mxqn_onnx
-from mxqn_onnx.layers import find_layers
-from mxqn_onnx.loading import load_model, normalise
+from mxqn_onnx.graph.layers import find_layers
+from mxqn_onnx.graph.loading import load_model, normalise
 import onnx_graphsurgeon as gs
 
 

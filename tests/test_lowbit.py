@@ -9,13 +9,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import mxqn_onnx
-from mxqn_onnx import quantizers as Q, rounding, unfold
-from mxqn_onnx.choose import choose_activation, model_rounding_cost
+from mxqn_onnx.quant import quantizers as Q
+from mxqn_onnx.lowbit import rounding, unfold
+from mxqn_onnx.quant.choose import choose_activation, model_rounding_cost
 from mxqn_onnx.config import AUTO_ROUNDING_BUDGET
-from mxqn_onnx.layers import find_layers
-from mxqn_onnx.loading import load_model, normalise
-from mxqn_onnx.objective import consumers_sqnr, refine_activation
-from mxqn_onnx.observers import TensorHistogram
+from mxqn_onnx.graph.layers import find_layers
+from mxqn_onnx.graph.loading import load_model, normalise
+from mxqn_onnx.quant.objective import consumers_sqnr, refine_activation
+from mxqn_onnx.calibration.observers import TensorHistogram
 
 from conftest import ROOT, run_cli
 from graph_helpers import session
@@ -109,7 +110,7 @@ def test_rounding_end_to_end_improves_w4_and_round_trips(digits_model, digits_ca
         np.testing.assert_array_equal(codes.astype(np.float64) * 2.0 ** -f, d.weight_values)
     assert sum(f"{d.name}.weight_q" in inits for d in data.layers) == len(data.layers)
     # and the integer executor agrees with the model
-    from mxqn_onnx.simulate import compare_with_onnxruntime
+    from mxqn_onnx.integer.executor import compare_with_onnxruntime
 
     x = _digits_x(digits_test, 64)
     rep = compare_with_onnxruntime(data.model, [{data.model.graph.input[0].name: x}])
@@ -249,7 +250,7 @@ def test_cli_reports_every_technique_per_layer(tmp_path, digits_model, digits_ca
 
 
 def test_tensor_sample_keeps_copies_of_the_first_samples_and_merges():
-    from mxqn_onnx.observers import TensorSample
+    from mxqn_onnx.calibration.observers import TensorSample
 
     buf = np.arange(24, dtype=np.float32).reshape(6, 4)
     s = TensorSample("t", count=8)
@@ -267,9 +268,9 @@ def test_tensor_sample_keeps_copies_of_the_first_samples_and_merges():
 
 
 def test_calibration_keeps_samples_within_the_byte_budget(digits_model, digits_calib):
-    from mxqn_onnx.calibrate import collect_histograms
-    from mxqn_onnx.data import input_specs, make_source
-    from mxqn_onnx.observers import TensorSample
+    from mxqn_onnx.calibration.calibrate import collect_histograms
+    from mxqn_onnx.calibration.data import input_specs, make_source
+    from mxqn_onnx.calibration.observers import TensorSample
 
     model = load_model(digits_model)
     layers, _ = find_layers(normalise(model))

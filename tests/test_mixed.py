@@ -10,13 +10,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import mxqn_onnx
-from mxqn_onnx.allocate import db_to_noise
-from mxqn_onnx.choose import choose_all
+from mxqn_onnx.mixed.allocate import db_to_noise
+from mxqn_onnx.quant.choose import choose_all
 from mxqn_onnx.config import QuantConfig
-from mxqn_onnx.data import input_specs, make_source
+from mxqn_onnx.calibration.data import input_specs, make_source
 from mxqn_onnx.errors import MxqnError
-from mxqn_onnx.loading import METADATA_KEY
-from mxqn_onnx.measure import compare
+from mxqn_onnx.graph.loading import METADATA_KEY
+from mxqn_onnx.report.measure import compare
 
 from conftest import ROOT, run_cli
 
@@ -141,9 +141,9 @@ def test_accuracy_search_needs_labels(digits_model, digits_calib):
 
 
 def test_choose_all_per_layer_bits_generalises_uniform(digits_model, digits_calib):
-    from mxqn_onnx.calibrate import collect_histograms
-    from mxqn_onnx.layers import find_layers
-    from mxqn_onnx.loading import load_model, normalise
+    from mxqn_onnx.calibration.calibrate import collect_histograms
+    from mxqn_onnx.graph.layers import find_layers
+    from mxqn_onnx.graph.loading import load_model, normalise
     from mxqn_onnx.api import _normalised_fp32
 
     m = load_model(digits_model)
@@ -174,10 +174,10 @@ def _orthogonal_matmul_model(n=32, seed=0):
 def test_probe_sensitivity_of_an_orthogonal_layer_is_one():
     """y = x Q with Q orthogonal: noise on x or on Q reaches y at the same relative power."""
     from mxqn_onnx.api import _normalised_fp32
-    from mxqn_onnx.calibrate import collect_histograms
-    from mxqn_onnx.layers import find_layers
-    from mxqn_onnx.loading import normalise
-    from mxqn_onnx.sensitivity import probe_sensitivities
+    from mxqn_onnx.calibration.calibrate import collect_histograms
+    from mxqn_onnx.graph.layers import find_layers
+    from mxqn_onnx.graph.loading import normalise
+    from mxqn_onnx.mixed.sensitivity import probe_sensitivities
 
     model = _orthogonal_matmul_model()
     g = normalise(model)
@@ -194,7 +194,7 @@ def test_probe_sensitivity_of_an_orthogonal_layer_is_one():
     assert probe_sensitivities(fp32, layers, hists, list(src.batches()), probe_db=30.0) == sens
     # the real-quantizer probe: output noise of one quantized unit over its own noise; the
     # orthogonal layer passes it on unchanged, at every width
-    from mxqn_onnx.sensitivity import make_probe
+    from mxqn_onnx.mixed.sensitivity import make_probe
 
     probe = make_probe(fp32, layers, hists, list(src.batches()), QuantConfig().validate(), 17)
     table = probe({("weight", "mm"): [3, 6], ("act", "x"): [3, 6]})
@@ -204,8 +204,8 @@ def test_probe_sensitivity_of_an_orthogonal_layer_is_one():
 
 
 def test_histogram_summary_keeps_counts(digits_model, digits_calib):
-    from mxqn_onnx.observers import TensorHistogram
-    from mxqn_onnx.plots import histogram_summary
+    from mxqn_onnx.calibration.observers import TensorHistogram
+    from mxqn_onnx.report.plots import histogram_summary
 
     x = np.concatenate([np.zeros(100), np.random.default_rng(0).standard_normal(5000)]).astype(np.float32)
     h = TensorHistogram("t")
@@ -218,7 +218,7 @@ def test_histogram_summary_keeps_counts(digits_model, digits_calib):
 
 def test_plots_written(budget4, tmp_path):
     pytest.importorskip("matplotlib")
-    from mxqn_onnx.plots import write_plots
+    from mxqn_onnx.report.plots import write_plots
 
     files = write_plots(budget4.report(), tmp_path / "p")
     names = {f.name for f in files}
@@ -264,7 +264,7 @@ def test_cli_mixed_errors_are_one_line(tmp_path, digits_model, digits_calib):
 
 
 def test_missing_matplotlib_is_one_clear_error(monkeypatch):
-    from mxqn_onnx import plots
+    from mxqn_onnx.report import plots
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MxqnError, match=r"pip install 'mxqn-onnx\[plot\]'"):
@@ -272,7 +272,8 @@ def test_missing_matplotlib_is_one_clear_error(monkeypatch):
 
 
 def test_core_imports_neither_torch_nor_matplotlib():
-    code = ("import sys, mxqn_onnx, mxqn_onnx.cli, mxqn_onnx.mixed, mxqn_onnx.plots, mxqn_onnx.sensitivity;"
+    code = ("import sys, mxqn_onnx, mxqn_onnx.cli, mxqn_onnx.mixed.search, mxqn_onnx.report.plots, "
+            "mxqn_onnx.mixed.sensitivity;"
             "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import mxqn_onnx
-from mxqn_onnx import quantizers as Q
-from mxqn_onnx.simulate import LogTable, compare_with_onnxruntime, conv_int, shift_round
+from mxqn_onnx.quant import quantizers as Q
+from mxqn_onnx.integer.executor import compare_with_onnxruntime
+from mxqn_onnx.integer.kernels import LogTable, conv_int, shift_round
 
 from conftest import ROOT, run_cli
 

@@ -1,23 +1,27 @@
-"""``mxqn-onnx inspect``: what a model would have quantized, or what an mxqn model decided."""
+"""What a file holds: the layers a model would quantize, an mxqn model's stored decisions, or a
+JSON report (``mxqn-onnx inspect`` and ``mxqn-onnx report`` read files through here; printing the
+decisions is :mod:`mxqn_onnx.report.tables`' job)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .errors import MxqnError
-from .layers import find_layers
-from .loading import METADATA_KEY, is_mxqn_model, normalise
+from ..errors import MxqnError
+from ..graph.layers import find_layers
+from ..graph.loading import METADATA_KEY, is_mxqn_model, normalise
+from .tables import print_report
 
 
 def inspect_model(path) -> dict:
     """For an mxqn model, its stored decisions; otherwise the layers it would quantize."""
     import onnx
 
-    from .loading import check_quantizable
+    from ..graph.loading import check_quantizable
 
     try:
         model = onnx.load(str(path), load_external_data=True)
@@ -44,8 +48,6 @@ def inspect_model(path) -> dict:
 
 def print_inspection(info: dict, console: Console) -> None:
     if info["kind"] == "mxqn":
-        from .report import print_report
-
         print_report(info["decisions"], console, title="mxqn model: stored decisions")
         return
     t = Table(title="layers mxqn-onnx would quantize", header_style="bold")
@@ -59,3 +61,19 @@ def print_inspection(info: dict, console: Console) -> None:
     console.print(f"{len(info['layers'])} layers, {total} weights", highlight=False)
     for s in info["float_layers"]:
         console.print(f"left in float: {s['name']} ({s['op']}): {s['reason']}", highlight=False, markup=False)
+
+
+def load_report(path) -> tuple:
+    """``(report, kind)`` from an mxqn model's metadata (``model``) or a JSON report (``json``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MxqnError(f"{path}: no such file; give an mxqn .onnx model or a JSON report")
+    if p.suffix.lower() == ".json":
+        try:
+            return json.loads(p.read_text()), "json"
+        except ValueError as exc:
+            raise MxqnError(f"{path}: not a JSON report ({exc})") from None
+    info = inspect_model(p)
+    if info["kind"] != "mxqn":
+        raise MxqnError(f"{path}: not a model converted by mxqn-onnx (no decisions in its metadata)")
+    return info["decisions"], "model"

@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from . import quantizers as Q
+from ..quant import quantizers as Q
 
 #: relative damping of H's diagonal (GPTQ's default): keeps the inverse well conditioned when
 #: some inputs are (nearly) collinear or the sampled rows are few

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .layers import Layer
+from ..graph.layers import Layer
 
 
 def _conv_geometry(layer: Layer, x_shape) -> Optional[dict]:

@@ -8,10 +8,10 @@ from typing import Dict, Iterable, Optional
 import numpy as np
 import onnx
 
-from .calibrate import make_session
-from .data import Feed
-from .errors import MxqnError
-from .quantizers import sqnr_db
+from ..calibration.calibrate import make_session
+from ..calibration.data import Feed
+from ..errors import MxqnError
+from ..quant.quantizers import sqnr_db
 
 
 @dataclass

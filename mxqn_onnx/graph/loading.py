@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
-from .errors import MxqnError, first_line
+from ..errors import MxqnError, first_line
 from .functions import DOMAIN as MXQN_DOMAIN
 
 METADATA_KEY = "mxqn"

@@ -9,13 +9,13 @@ Two quantizers:
   ``|x|`` in the linear domain, carrying the sign of ``x`` (unsigned: negatives become 0).
 
 The element-wise functions compute in float32 with exactly the operations of the ONNX
-function bodies in :mod:`mxqn_onnx.functions`, so the two agree bit for bit. Powers of two
+function bodies in :mod:`mxqn_onnx.graph.functions`, so the two agree bit for bit. Powers of two
 with fractional exponents are evaluated in float64 and rounded once to float32, which is what
 onnxruntime's ``Pow`` returns.
 
 The scoring functions evaluate the SQNR of many candidate quantizers at once, either on exact
 data (weights) or on a binned distribution (activation histograms, see
-:mod:`mxqn_onnx.observers`), vectorised over candidates and channels.
+:mod:`mxqn_onnx.calibration.observers`), vectorised over candidates and channels.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 ``ai.mxqn`` domain. Each ships inside the converted model as a FunctionProto whose body uses
 only standard ops (opset >= 13), so stock onnxruntime runs it, while a runtime that knows
 the domain maps the node onto its own shift hardware. Attributes reach the body through
-``ref_attr_name``. The bodies repeat, op for op, :func:`mxqn_onnx.quantizers.fxp_quantize`
-and :func:`mxqn_onnx.quantizers.log_quantize`; the tests check that they agree bit for bit.
+``ref_attr_name``. The bodies repeat, op for op, :func:`mxqn_onnx.quant.quantizers.fxp_quantize`
+and :func:`mxqn_onnx.quant.quantizers.log_quantize`; the tests check that they agree bit for bit.
 """
 
 from __future__ import annotations

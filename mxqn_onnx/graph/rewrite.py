@@ -5,7 +5,7 @@ at opset >= 21 for <= 4 bits, else int8/int16) followed by ``Cast -> Mul(2^-f)``
 int32 initializer likewise, and the layer's data input passes through a ``FixedQuant`` or
 ``LogQuant`` node (domain ``ai.mxqn``), shared by every quantized layer reading that tensor.
 The custom ops ship as model-local functions. Format ``qdq`` writes the fixed-point tensors
-as standard QuantizeLinear/DequantizeLinear instead (see :mod:`mxqn_onnx.qdq`).
+as standard QuantizeLinear/DequantizeLinear instead (see :mod:`mxqn_onnx.graph.qdq`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import functions, qdq, quantizers as Q
-from .choose import ActDecision, LayerDecision
+from .._version import __version__
+from ..quant import quantizers as Q
+from ..quant.choose import ActDecision, LayerDecision
+from . import functions, qdq
 from .containers import Container, container_for, qdq_supports, retype_initializers
 from .layers import Layer
 from .loading import METADATA_KEY, MIN_OPSET
@@ -86,7 +88,7 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
     ``fmt`` is ``"mxqn"`` (Cast/Mul dequantization, custom quantizer nodes) or ``"qdq"``
     (standard QuantizeLinear/DequantizeLinear wherever the opset can express the tensor;
     log quantizers, and widths the opset lacks, stay as custom nodes / Cast+Mul).
-    ``qdq_encoding`` is how ``qdq`` stores 8-bit codes (see :mod:`mxqn_onnx.qdq`).
+    ``qdq_encoding`` is how ``qdq`` stores 8-bit codes (see :mod:`mxqn_onnx.graph.qdq`).
     """
     opset = max(int(graph.opset), MIN_OPSET)  # the normalised graph's opset (upgraded if it was older)
     retype: Dict[str, Container] = {}
@@ -160,8 +162,6 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
     model.ir_version = max(MIN_IR_VERSION, source.ir_version,
                            onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     model.producer_name = "mxqn-onnx"
-    from . import __version__
-
     model.producer_version = __version__
     model.doc_string = source.doc_string
     for prop in source.metadata_props:

@@ -7,7 +7,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from .choose import describe_activation
+from ..quant.choose import describe_activation
 
 
 def _db(v) -> str:
@@ -160,29 +160,6 @@ def allocation_lines(alloc: Optional[dict]) -> list:
     if alloc.get("result"):
         lines.append(f"  result: {alloc['result']}")
     return lines
-
-
-def load_report(path) -> tuple:
-    """``(report, kind)`` from an mxqn model's metadata (``model``) or a JSON report (``json``)."""
-    import json
-    from pathlib import Path
-
-    from .errors import MxqnError
-
-    p = Path(path)
-    if not p.is_file():
-        raise MxqnError(f"{path}: no such file; give an mxqn .onnx model or a JSON report")
-    if p.suffix.lower() == ".json":
-        try:
-            return json.loads(p.read_text()), "json"
-        except ValueError as exc:
-            raise MxqnError(f"{path}: not a JSON report ({exc})") from None
-    from .inspection import inspect_model
-
-    info = inspect_model(p)
-    if info["kind"] != "mxqn":
-        raise MxqnError(f"{path}: not a model converted by mxqn-onnx (no decisions in its metadata)")
-    return info["decisions"], "model"
 
 
 def print_report(report: dict, console: Optional[Console] = None, title: Optional[str] = None) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..errors import MxqnError, first_line
 from .data import DataSource, batch_len, fixed_batch
-from .errors import MxqnError, first_line
 from .observers import NonFiniteError, TensorHistogram, TensorSample
 
 #: Values per tensor and batch beyond which calibration histograms a subset. 2^20 values

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 import onnx
 
-from .errors import MxqnError
+from ..errors import MxqnError
 
 Feed = Dict[str, np.ndarray]
 LABEL_KEYS = ("labels", "label", "y", "targets")

@@ -42,10 +42,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .calibrate import make_session
-from .data import Feed
-from .layers import Layer
-from .observers import TensorHistogram
+from ..calibration.calibrate import make_session
+from ..calibration.data import Feed
+from ..calibration.observers import TensorHistogram
+from ..graph.layers import Layer
 
 #: Default injected noise level: small enough to stay in the linear regime.
 DEFAULT_PROBE_DB = 30.0
@@ -232,16 +232,16 @@ def probe_quantizers(fp32: onnx.ModelProto, layers: Sequence[Layer], batches: Se
 
 def make_probe(fp32: onnx.ModelProto, layers: Sequence[Layer], hists: Dict[str, TensorHistogram],
                batches: Sequence[Feed], config, opset: int):
-    """The ``probe({unit: widths}) -> {unit: {width: sensitivity}}`` of :func:`mxqn_onnx.mixed.run`.
+    """The ``probe({unit: widths}) -> {unit: {width: sensitivity}}`` of :func:`mxqn_onnx.mixed.search.run`.
 
     ``config.sensitivity``: ``quantizer`` measures every unit at every one of its candidate
     widths with the real quantizer (one probe model per width, one run per unit, width and
     batch); ``noise`` injects Gaussian noise once and uses that for every width; ``none``
     returns None.
     """
-    from . import quantizers as Q
+    from ..quant import quantizers as Q
     from .allocate import db_to_noise
-    from .choose import choose_activation, choose_weight
+    from ..quant.choose import choose_activation, choose_weight
 
     if config.sensitivity == "none":
         return None

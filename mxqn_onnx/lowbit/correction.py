@@ -25,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .layers import Layer, conv_input_channels, find_layers
+from ..graph.layers import Layer, conv_input_channels, find_layers
 
 
 def input_channel_axis(layer: Layer) -> Optional[int]:
@@ -99,7 +99,7 @@ def _bn_parameter_values(model: onnx.ModelProto, wanted: Set[str]) -> Dict[str, 
 def batchnorm_priors(model: onnx.ModelProto) -> Priors:
     """Per BatchNormalization output tensor: ``(beta, |gamma|)`` from the ORIGINAL model.
 
-    Read before :func:`mxqn_onnx.loading.normalise` folds the BNs away. The names stay valid
+    Read before :func:`mxqn_onnx.graph.loading.normalise` folds the BNs away. The names stay valid
     in the normalised graph: ``fold_batchnorm`` gives the folded Conv/Gemm the BN's output
     tensor, an unfolded BN keeps its own, and the opset upgrade keeps tensor names.
 
@@ -248,7 +248,7 @@ class _PriorWalker:
 def prior_input_means(graph: gs.Graph, priors: Priors) -> Dict[str, np.ndarray]:
     """Per-channel means of layer inputs that follow from BN priors, by tensor name.
 
-    ``graph`` is the normalised graph (:func:`mxqn_onnx.loading.normalise`), ``priors`` come
+    ``graph`` is the normalised graph (:func:`mxqn_onnx.graph.loading.normalise`), ``priors`` come
     from :func:`batchnorm_priors` on the model before normalising. Supported between a BN
     output and the layer: nothing (``E = beta``), ReLU or a Clip with constant bounds
     (ReLU6) on the BN output (closed-form clipped-Gaussian mean), Identity / inference

@@ -30,8 +30,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import quantizers as Q
-from .layers import conv_input_channels
+from ..graph.layers import conv_input_channels
+from ..quant import quantizers as Q
 
 #: ops through which a positive per-channel scale passes unchanged (PRelu only with a scalar
 #: slope, which is not checked, so it is not here)

@@ -26,9 +26,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import quantizers as Q
-from .choose import describe_activation
-from .errors import MxqnError
+from ..errors import MxqnError
+from ..quant import quantizers as Q
+from ..quant.choose import describe_activation
 
 #: Histogram summary resolution: bins per octave of |x|.
 SUMMARY_BINS_PER_OCTAVE = 4

@@ -6,7 +6,7 @@ octave over the whole float32 range (16,384 bins, each about 3% wide). One integ
 one ``bincount`` per batch, no logarithms, and memory that does not grow with the number of
 samples. Counts add, so histograms merge across batches, processes and machines; the bins
 are enough to score any candidate fixed-point or log quantizer
-(:func:`mxqn_onnx.quantizers.best_fxp_binned`, :func:`~mxqn_onnx.quantizers.best_log_binned`).
+(:func:`mxqn_onnx.quant.quantizers.best_fxp_binned`, :func:`~mxqn_onnx.quant.quantizers.best_log_binned`).
 
 ``bincount`` is the one costly step (about 10 ns per value: ReLU outputs send half their values
 to the same zero bin, which serialises the increments). For very large tensors ``update`` can
@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .quantizers import Bins
+from ..quant.quantizers import Bins
 
 MANTISSA_BITS = 5
 _SHIFT = 23 - MANTISSA_BITS

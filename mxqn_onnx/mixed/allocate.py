@@ -8,7 +8,7 @@ noise, and to first order the output noise-to-signal ratio is the weighted sum
 where ``SQNR_i(b)`` is the unit's own SQNR at ``b`` bits (read off the calibration histogram
 or the exact weights for every candidate width) and ``s_i`` its *sensitivity*: how strongly
 its noise reaches the output (1 for every unit is the plain MXQN model; see
-:mod:`mxqn_onnx.sensitivity` for how it is measured). A unit's cost is ``size_i * b_i``
+:mod:`mxqn_onnx.mixed.sensitivity` for how it is measured). A unit's cost is ``size_i * b_i``
 bits: parameters for weights, elements per sample for activations.
 
 The optimiser is an exact dynamic programme over cost (the multiple-choice knapsack): for
@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import MxqnError
+from ..errors import MxqnError
 
 #: Default candidate bit widths.
 DEFAULT_BITS_SET = (2, 3, 4, 5, 6, 7, 8)

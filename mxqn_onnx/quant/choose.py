@@ -11,10 +11,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import correction, objective, quantizers as Q, rounding, unfold
-from .config import QuantConfig
-from .layers import Layer
-from .observers import TensorHistogram
+from ..calibration.observers import TensorHistogram
+from ..config import QuantConfig
+from ..graph.layers import Layer
+from ..lowbit import correction, rounding, unfold
+from . import objective, quantizers as Q
 
 BIAS_BITS = 32
 
@@ -28,7 +29,7 @@ class WeightDecision:
     sqnr_db: float
     sqnr_tensor_db: float
     sqnr_channel_db: Optional[float]
-    #: "nearest" or "gptq" (data-aware, :mod:`mxqn_onnx.rounding`)
+    #: "nearest" or "gptq" (data-aware, :mod:`mxqn_onnx.lowbit.rounding`)
     rounding: str = "nearest"
     #: the layer's output SQNR from weight quantization alone, on calibration inputs:
     #: with round-to-nearest and with the rounding used (None: not measured)
@@ -69,7 +70,7 @@ class ActDecision:
     #: mean of Q(x) - x on the calibration data (used by bias correction)
     mean_error: float = 0.0
     #: what the quantizer was chosen for: "tensor" (its own SQNR) or "output" (the SQNR at
-    #: the outputs of the layers reading it, :mod:`mxqn_onnx.objective`)
+    #: the outputs of the layers reading it, :mod:`mxqn_onnx.quant.objective`)
     objective: str = "tensor"
     #: under "output": the consumers' output SQNR of this choice and of the tensor-SQNR choice
     output_sqnr_db: Optional[float] = None
@@ -201,11 +202,11 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     """All decisions for one layer whose input quantizer is ``act``.
 
     With ``config.bias_correction`` and the input's per-channel means, the bias is corrected
-    for the mean output shift of weight and input quantization (see :mod:`mxqn_onnx.correction`)
+    for the mean output shift of weight and input quantization (see :mod:`mxqn_onnx.lowbit.correction`)
     before its fractional length is chosen; the corrected values travel in
     ``LayerDecision.bias_values``. With ``sample`` (real inputs of the layer) and
     ``config.rounding`` the weights are rounded for the layer's output error
-    (:mod:`mxqn_onnx.rounding`), and the layer's output SQNR is measured on those inputs;
+    (:mod:`mxqn_onnx.lowbit.rounding`), and the layer's output SQNR is measured on those inputs;
     ``model_cost`` is the whole model's estimated rounding cost (see ``rounds_with_data``).
     """
     w = layer.weight
@@ -308,14 +309,14 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
     """Decisions for every layer; activation quantizers shared by tensor name.
 
     ``bits`` gives each layer's ``(weight bits, activation bits)`` (mixed precision, see
-    :mod:`mxqn_onnx.mixed`); without it every layer gets ``wbits``/``abits``, and
+    :mod:`mxqn_onnx.mixed.search`); without it every layer gets ``wbits``/``abits``, and
     ``keep_first``/``keep_last`` layers get ``keep_bits`` (the float case is handled by the
     caller, which never passes them here). A tensor feeding several layers gets the highest
     of their activation bit widths. ``samples`` (tensor name -> real calibration inputs)
     enables the data-aware steps: the layer-output objective for activations
     (``config.act_objective``), data-aware rounding and per-layer output measurements.
     ``means`` replaces the measured input channel means of bias correction (BatchNorm
-    priors, :func:`mxqn_onnx.correction.prior_input_means`; tensors missing: no correction).
+    priors, :func:`mxqn_onnx.lowbit.correction.prior_input_means`; tensors missing: no correction).
     """
     samples = samples or {}
     cost = model_rounding_cost(layers)

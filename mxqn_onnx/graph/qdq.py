@@ -34,8 +34,8 @@ from typing import Dict, List, Optional, Set, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import quantizers as Q
-from .choose import ActDecision
+from ..quant import quantizers as Q
+from ..quant.choose import ActDecision
 from .containers import Container, container_for
 
 #: Ops through which a fixed-point quantizer can be moved unchanged: Q(op(x)) == op(Q(x))

@@ -14,12 +14,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..calibration.observers import TensorHistogram
+from ..config import QuantConfig
+from ..errors import MxqnError
+from ..graph.layers import Layer
+from ..quant.choose import choose_activation, choose_weight
 from . import allocate as A
-from .choose import choose_activation, choose_weight
-from .config import QuantConfig
-from .errors import MxqnError
-from .layers import Layer
-from .observers import TensorHistogram
 
 #: A measured output SQNR this far above the target triggers one more round that saves bits.
 OVERSHOOT_DB = 1.5
@@ -94,7 +94,7 @@ def budgets(units: Sequence[A.Unit], layers: Sequence[Layer], config: QuantConfi
 
 
 def layer_bits(layers: Sequence[Layer], alloc: A.Allocation) -> Bits:
-    """Per-layer ``(wbits, abits)`` for :func:`mxqn_onnx.choose.choose_all`."""
+    """Per-layer ``(wbits, abits)`` for :func:`mxqn_onnx.quant.choose.choose_all`."""
     return [(alloc.of("weight", l.name), alloc.of("act", l.data.name)) for l in layers]
 
 

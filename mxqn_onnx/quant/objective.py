@@ -3,7 +3,7 @@
 The core chooses an activation's quantizer by the SQNR of the tensor itself. What matters is
 the error at the outputs of the layers that read it: ``||W (Q(x) - x)||``, where channels the
 weights amplify count more and errors on correlated inputs can cancel. With real input
-patches of each consumer layer (:mod:`mxqn_onnx.unfold`), this module scores every candidate
+patches of each consumer layer (:mod:`mxqn_onnx.lowbit.unfold`), this module scores every candidate
 the tensor search considers (every fixed-point length; log with each k at its best top, and
 two tops either side for the two best k) by the consumers' output SQNR and keeps the best. Where the
 two objectives agree nothing changes; the report shows both numbers either way.
@@ -16,8 +16,9 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from . import quantizers as Q, unfold
-from .observers import TensorHistogram
+from ..calibration.observers import TensorHistogram
+from ..lowbit import unfold
+from . import quantizers as Q
 
 #: input rows per consumer layer used to score the candidates (fewer for very wide layers,
 #: so that a layer's rows stay within 64 MB)
