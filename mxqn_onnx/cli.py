@@ -324,16 +324,15 @@ def cmd_inspect(args, console: Console, err: Console) -> int:
 
 def cmd_evaluate(args, console: Console, err: Console) -> int:
     from .calibration.data import input_specs, make_source
-    from .graph.loading import is_mxqn_model
+    from .graph.loading import is_mxqn_model, read_model
     from .report.measure import compare
-    import onnx
 
     models = []
     for path in (args.fp32, args.quant):
         if not Path(path).is_file():
             raise MxqnError(f"{path}: no such file; give the path of an .onnx model")
         try:
-            models.append(onnx.load(path))
+            models.append(read_model(path))
         except Exception as exc:
             raise MxqnError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     if is_mxqn_model(models[0]) and not is_mxqn_model(models[1]):

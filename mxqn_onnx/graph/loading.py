@@ -27,6 +27,9 @@ MIN_OPSET = 13
 UPGRADE_OPSET = 13
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+#: extensions onnx.load would read as JSON or text (and the plain .txt the name suggests)
+TEXT_SUFFIXES = frozenset({".json", ".onnxjson", ".txt", ".textproto", ".pbtxt", ".prototxt", ".txtpb",
+                           ".onnxtxt", ".onnxtext"})
 #: ops that only appear in models some quantizer already processed
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                            "QLinearMatMul", "ConvInteger", "MatMulInteger"})
@@ -45,13 +48,27 @@ def load_model(src: ModelLike) -> onnx.ModelProto:
         if not path.is_file():
             raise MxqnError(f"{path}: not a file; give the path of an .onnx model")
         try:
-            model = onnx.load(str(path), load_external_data=True)
+            model = read_model(path)
         except (DecodeError, RuntimeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
             # ValidationError: a tensor's external data file is missing or not a file
             first = first_line(exc)
-            raise MxqnError(f"{path}: not a readable ONNX model ({first})") from None
+            hint = ""
+            if path.suffix.lower() in TEXT_SUFFIXES:
+                hint = ("; mxqn-onnx reads binary .onnx models whatever the name "
+                        "(save a JSON or text model as .onnx first)")
+            raise MxqnError(f"{path}: not a readable ONNX model ({first}){hint}") from None
     check_quantizable(model, label)
     return model
+
+
+def read_model(path) -> onnx.ModelProto:
+    """The binary protobuf model at ``path``, external data included, whatever the file name.
+
+    ``onnx.load`` picks a JSON or text parser by the extension (``.json``, ``.txt``-like
+    ``.textproto``/``.pbtxt``/``.onnxtxt``, ...), whose errors are not the protobuf decode errors
+    the callers turn into one-line messages; every model is an ``.onnx`` file here.
+    """
+    return onnx.load(str(path), format="protobuf", load_external_data=True)
 
 
 def is_mxqn_model(model: onnx.ModelProto) -> bool:

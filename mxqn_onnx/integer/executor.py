@@ -363,9 +363,10 @@ def ex_out_channels(layer: QLayer) -> int:
 def simulate_file(model_path, data, count: int = 64, batch_size: int = 16) -> dict:
     """CLI helper: load an mxqn model and data file, compare executor and onnxruntime."""
     from ..calibration.data import input_specs, make_source
+    from ..graph.loading import read_model
 
     try:
-        model = onnx.load(str(model_path))
+        model = read_model(model_path)
     except Exception as exc:
         raise MxqnError(f"{model_path}: not a readable ONNX model ({type(exc).__name__})") from None
     source = make_source(str(data), input_specs(model), batch_size)

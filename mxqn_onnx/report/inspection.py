@@ -19,12 +19,10 @@ from .tables import print_report
 
 def inspect_model(path) -> dict:
     """For an mxqn model, its stored decisions; otherwise the layers it would quantize."""
-    import onnx
-
-    from ..graph.loading import check_quantizable
+    from ..graph.loading import check_quantizable, read_model
 
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = read_model(path)
     except FileNotFoundError:
         raise MxqnError(f"{path}: no such file; give the path of an .onnx model") from None
     except Exception as exc:
