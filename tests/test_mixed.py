@@ -143,8 +143,7 @@ def test_accuracy_search_needs_labels(digits_model, digits_calib):
 def test_choose_all_per_layer_bits_generalises_uniform(digits_model, digits_calib):
     from mxqn_onnx.calibration.calibrate import collect_histograms
     from mxqn_onnx.graph.layers import find_layers
-    from mxqn_onnx.graph.loading import load_model, normalise
-    from mxqn_onnx.api import _normalised_fp32
+    from mxqn_onnx.graph.loading import export_fp32 as _normalised_fp32, load_model, normalise
 
     m = load_model(digits_model)
     g = normalise(m)
@@ -173,10 +172,9 @@ def _orthogonal_matmul_model(n=32, seed=0):
 
 def test_probe_sensitivity_of_an_orthogonal_layer_is_one():
     """y = x Q with Q orthogonal: noise on x or on Q reaches y at the same relative power."""
-    from mxqn_onnx.api import _normalised_fp32
     from mxqn_onnx.calibration.calibrate import collect_histograms
     from mxqn_onnx.graph.layers import find_layers
-    from mxqn_onnx.graph.loading import normalise
+    from mxqn_onnx.graph.loading import export_fp32 as _normalised_fp32, normalise
     from mxqn_onnx.mixed.sensitivity import probe_sensitivities
 
     model = _orthogonal_matmul_model()

@@ -170,3 +170,19 @@ def find_layers(
         else:
             layers.append(layer)
     return layers, skipped
+
+
+def keep_ends_in_float(layers: List[Layer], skipped: List[Skipped], first: bool,
+                       last: bool) -> Tuple[List[Layer], List[Skipped]]:
+    """``layers`` without the first and/or last one, which join ``skipped`` (``--keep-float``)."""
+    if not layers:
+        return layers, skipped
+    drop = set()
+    if first:
+        drop.add(0)
+    if last:
+        drop.add(len(layers) - 1)
+    for i in sorted(drop):
+        which = "first" if i == 0 else "last"
+        skipped.append(Skipped(layers[i].name, layers[i].op, f"kept in float ({which} layer, --keep-float)"))
+    return [l for i, l in enumerate(layers) if i not in drop], skipped

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import onnx
@@ -69,6 +69,26 @@ def read_model(path) -> onnx.ModelProto:
     the callers turn into one-line messages; every model is an ``.onnx`` file here.
     """
     return onnx.load(str(path), format="protobuf", load_external_data=True)
+
+
+def raise_opset(model: onnx.ModelProto, opset: Optional[int]) -> onnx.ModelProto:
+    """The model converted to default-domain ``opset`` (None or its own: unchanged).
+
+    onnx's version converter rewrites the ops whose signature changed (for example the
+    ReduceMean axes attribute that became an input at opset 18).
+    """
+    current = default_opset(model)
+    if opset is None or opset == current:
+        return model
+    if opset < current:
+        raise MxqnError(f"the model already uses opset {current}; --opset can only raise it (got {opset})")
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        first = first_line(exc)
+        raise MxqnError(f"could not convert the model from opset {current} to {opset} ({first})") from None
 
 
 def is_mxqn_model(model: onnx.ModelProto) -> bool:
@@ -161,6 +181,13 @@ def normalise(model: onnx.ModelProto) -> gs.Graph:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     name_nodes(graph)
     return graph
+
+
+def export_fp32(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
+    """The normalised graph as an FP32 ONNX model (what calibration and the probes run)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = max(source.ir_version, 7)
+    return model
 
 
 def name_nodes(graph: gs.Graph) -> None:

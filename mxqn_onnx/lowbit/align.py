@@ -20,18 +20,22 @@ equalization and bias correction"). Two choices of ``s`` use it:
   around depthwise convs (MobileNet-style nets), whose per-channel ranges differ widely.
 
 Channels feeding an Add or Concat, a PRelu (a per-channel slope would have to be rescaled
-too), or read by several layers, are left as they are.
+too), or read by several layers, are left as they are. :func:`equalize_and_measure` is the
+conversion's entry point for equalization: it also records each layer's weight SQNR before and
+after for the report.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph.layers import conv_input_channels
+from ..config import QuantConfig
+from ..graph.layers import conv_input_channels, find_layers
 from ..quant import quantizers as Q
+from ..quant.choose import choose_weight
 
 #: ops through which a positive per-channel scale passes unchanged (PRelu only with a scalar
 #: slope, which is not checked, so it is not here)
@@ -232,3 +236,20 @@ def equalize_channel_ranges(graph: gs.Graph, power_of_two: bool = True, sweeps: 
             break
     changed = [int(np.sum(~np.isclose(t, 1.0))) for t in totals if t is not None]
     return sum(1 for c in changed if c), sum(changed)
+
+
+def equalize_and_measure(graph: gs.Graph, config: QuantConfig) -> dict:
+    """Cross-layer equalization (``config.equalize``) of ``graph``, in place; returns the record
+    for the report: pairs, channels and each layer's weight SQNR at ``config.wbits`` before and
+    after."""
+
+    def weight_sqnr() -> Dict[str, float]:
+        layers, _ = find_layers(graph, config.exclude)
+        return {l.name: choose_weight(l.weight, config.wbits, config.weight_granularity, l.channel_axis,
+                                      config.channel_gain_db, config.weight_clip).sqnr_db for l in layers}
+
+    before = weight_sqnr()
+    pairs, channels = equalize_channel_ranges(graph, power_of_two=config.equalize == "pow2")
+    after = weight_sqnr()
+    return {"mode": config.equalize, "pairs": pairs, "channels": channels,
+            "weight_sqnr_db": {n: {"before": before[n], "after": after.get(n)} for n in before}}
