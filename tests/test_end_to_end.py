@@ -55,9 +55,9 @@ def test_output_format(w8, digits_model):
 
 
 def test_stored_weights_decode_to_the_chosen_fixed_point(w8, digits_model):
-    from mxqn_onnx.quant import quantizers as Q
     from mxqn_onnx.graph.layers import find_layers
     from mxqn_onnx.graph.loading import load_model, normalise
+    from mxqn_onnx.quant import quantizers as Q
 
     graph = normalise(load_model(digits_model))
     layers, _ = find_layers(graph)
@@ -182,10 +182,10 @@ def test_cli_bad_input_one_line(tmp_path, digits_model, digits_calib):
 
 
 def test_weights_never_clip_unless_asked(digits_model, digits_calib):
-    from mxqn_onnx.quant import quantizers as Q
-    from mxqn_onnx.quant.choose import _channels_first
     from mxqn_onnx.graph.layers import find_layers
     from mxqn_onnx.graph.loading import load_model, normalise
+    from mxqn_onnx.quant import quantizers as Q
+    from mxqn_onnx.quant.choose import _channels_first
 
     layers, _ = find_layers(normalise(load_model(digits_model)))
     plain = mxqn_onnx.quantize(digits_model, digits_calib, wbits=4, abits=8, verify=False)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from mxqn_onnx.errors import MxqnError
 from mxqn_onnx.mixed.allocate import (Allocator, Unit, allocate, brute_force, build_frontier, db_to_noise,
                                 noise_to_db, predict_db)
-from mxqn_onnx.errors import MxqnError
 
 BITS = (2, 3, 4, 6, 8)
 

@@ -4,19 +4,18 @@ activation quantizers, data-free (BatchNorm) bias correction, and how each is re
 import json
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import mxqn_onnx
-from mxqn_onnx.quant import quantizers as Q
-from mxqn_onnx.lowbit import rounding, unfold
-from mxqn_onnx.quant.choose import choose_activation, model_rounding_cost
+from mxqn_onnx.calibration.observers import TensorHistogram
 from mxqn_onnx.config import AUTO_ROUNDING_BUDGET
 from mxqn_onnx.graph.layers import find_layers
 from mxqn_onnx.graph.loading import load_model, normalise
+from mxqn_onnx.lowbit import rounding, unfold
+from mxqn_onnx.quant import quantizers as Q
+from mxqn_onnx.quant.choose import choose_activation, model_rounding_cost
 from mxqn_onnx.quant.objective import consumers_sqnr, refine_activation
-from mxqn_onnx.calibration.observers import TensorHistogram
 
 from conftest import ROOT, run_cli
 from graph_helpers import session

@@ -6,7 +6,7 @@ import pytest
 
 import mxqn_onnx
 from mxqn_onnx import MxqnError
-from mxqn_onnx.calibration.data import input_specs, make_source
+from mxqn_onnx.calibration.data import input_specs
 from mxqn_onnx.calibration.observers import TensorHistogram
 
 

@@ -8,11 +8,11 @@ import onnx
 import pytest
 
 import mxqn_onnx
-from mxqn_onnx.quant import quantizers as Q
 from mxqn_onnx.calibration.calibrate import collect_histograms, make_session
 from mxqn_onnx.calibration.data import input_specs, make_source
-from mxqn_onnx.errors import MxqnError
 from mxqn_onnx.calibration.observers import TensorHistogram, sample_stride
+from mxqn_onnx.errors import MxqnError
+from mxqn_onnx.quant import quantizers as Q
 
 
 @pytest.mark.parametrize("shape,cap", [((16, 256, 56, 56), 1 << 20), ((4, 64, 30, 30), 10_000),

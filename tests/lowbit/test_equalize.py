@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mxqn_onnx.lowbit.align import equalize_channel_ranges
 from mxqn_onnx.graph.loading import load_model, normalise
+from mxqn_onnx.lowbit.align import equalize_channel_ranges
 
 IR = 8
 

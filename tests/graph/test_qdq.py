@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 
 import mxqn_onnx
-from mxqn_onnx.quant import quantizers as Q
 from mxqn_onnx.graph.functions import DOMAIN
 from mxqn_onnx.graph.loading import METADATA_KEY
+from mxqn_onnx.quant import quantizers as Q
 
 from conftest import run_cli
 

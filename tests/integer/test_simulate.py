@@ -1,18 +1,15 @@
 """The integer-only reference executor against onnxruntime and against exact arithmetic."""
 
 import json
-from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import mxqn_onnx
-from mxqn_onnx.quant import quantizers as Q
 from mxqn_onnx.integer.executor import compare_with_onnxruntime
 from mxqn_onnx.integer.kernels import LogTable, conv_int, shift_round
+from mxqn_onnx.quant import quantizers as Q
 
 from conftest import ROOT, run_cli
 

@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_helpers import session
-from mxqn_onnx.lowbit import correction
-from mxqn_onnx.quant import quantizers as Q
 from mxqn_onnx.graph.layers import find_layers
 from mxqn_onnx.graph.loading import normalise
+from mxqn_onnx.lowbit import correction
+from mxqn_onnx.quant import quantizers as Q
 
 C_IN, C_MID, C_OUT, HW = 16, 8, 12, 12
 EPS = 1e-5

@@ -5,10 +5,10 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 import mxqn_onnx
-from mxqn_onnx.quant import quantizers as Q
-from mxqn_onnx.lowbit.align import align_channel_ranges
 from mxqn_onnx.graph.layers import find_layers
 from mxqn_onnx.graph.loading import load_model, normalise
+from mxqn_onnx.lowbit.align import align_channel_ranges
+from mxqn_onnx.quant import quantizers as Q
 
 
 def _run(graph, ir, x):

@@ -10,12 +10,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import mxqn_onnx
-from mxqn_onnx.mixed.allocate import db_to_noise
-from mxqn_onnx.quant.choose import choose_all
-from mxqn_onnx.config import QuantConfig
 from mxqn_onnx.calibration.data import input_specs, make_source
+from mxqn_onnx.config import QuantConfig
 from mxqn_onnx.errors import MxqnError
 from mxqn_onnx.graph.loading import METADATA_KEY
+from mxqn_onnx.mixed.allocate import db_to_noise
+from mxqn_onnx.quant.choose import choose_all
 from mxqn_onnx.report.measure import compare
 
 from conftest import ROOT, run_cli

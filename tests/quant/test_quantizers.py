@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
+from mxqn_onnx.calibration.observers import TensorHistogram
 from mxqn_onnx.quant import quantizers as Q
 from mxqn_onnx.quant.choose import choose_activation
-from mxqn_onnx.calibration.observers import TensorHistogram
 
 floats = arrays(np.float32, st.integers(1, 200),
                 elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32))
