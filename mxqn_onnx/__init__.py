@@ -1,9 +1,8 @@
 """mxqn-onnx: MXQN mixed fixed-point / logarithmic post-training quantization of ONNX CNNs."""
 
-__version__ = "0.1.0"
-
-from .api import QuantResult, quantize  # noqa: E402
-from .config import QuantConfig  # noqa: E402
-from .errors import MxqnError  # noqa: E402
+from ._version import __version__
+from .api import QuantResult, quantize
+from .config import QuantConfig
+from .errors import MxqnError
 
 __all__ = ["quantize", "QuantConfig", "QuantResult", "MxqnError", "__version__"]

@@ -1,7 +1,10 @@
 """The Python API: ``quantize(model, calibration, config) -> QuantResult``.
 
-Data flows one way: load -> normalise -> find layers -> calibrate -> choose -> rewrite ->
-verify. The CLI is a thin layer over this module.
+Data flows one way, one stage function each (see :func:`_quantize`): load and normalise the
+graph -> find layers -> calibrate -> (mixed precision: per-layer widths) -> choose quantizers
+-> rewrite -> verify. The stages call into the subpackages (``graph``, ``calibration``,
+``quant``, ``lowbit``, ``mixed``, ``report``); this module only strings them together. The CLI
+is a thin layer over it.
 """
 
 from __future__ import annotations
@@ -17,25 +20,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import __version__, correction, functions
-from .align import align_channel_ranges, equalize_channel_ranges
-from .calibrate import collect_histograms
-from .observers import TensorSample
-from .choose import ActDecision, LayerDecision, choose_all, model_rounding_cost
+from ._version import __version__
+from .calibration.calibrate import collect_histograms
+from .calibration.data import CalibrationLike, DataSource, input_specs, make_source
+from .calibration.observers import TensorHistogram, TensorSample
 from .config import QuantConfig
-from .data import CalibrationLike, input_specs, make_source
-from .errors import MxqnError, first_line
-from .layers import Skipped, find_layers
-from .containers import weight_container
-from .loading import METADATA_KEY, MIN_OPSET, ModelLike, default_opset, load_model, normalise
-from .measure import Comparison, compare
-from .quantizers import combine_sqnr_db
-from .rewrite import FORMAT_VERSION, rewrite
-from .mixed import packed_weight_bytes
-from .plots import histogram_summary
+from .errors import MxqnError
+from .graph import functions
+from .graph.containers import weight_container
+from .graph.layers import Layer, Skipped, find_layers, keep_ends_in_float
+from .graph.loading import METADATA_KEY, MIN_OPSET, ModelLike, export_fp32, load_model, normalise, raise_opset
+from .graph.rewrite import FORMAT_VERSION, rewrite
+from .lowbit import correction
+from .lowbit.align import align_channel_ranges, equalize_and_measure
+from .mixed import search as mixed
+from .mixed.search import packed_weight_bytes
+from .mixed.sensitivity import make_probe
+from .quant.choose import ActDecision, LayerDecision, choose_all, model_rounding_cost
+from .quant.quantizers import combine_sqnr_db
+from .report.measure import Comparison, compare
+from .report.plots import histogram_summary
 
 
 def _finite(x):
@@ -128,26 +136,6 @@ def _with_container(layer: dict, opset: int) -> dict:
     return layer
 
 
-def raise_opset(model: onnx.ModelProto, opset: Optional[int]) -> onnx.ModelProto:
-    """The model converted to default-domain ``opset`` (None or its own: unchanged).
-
-    onnx's version converter rewrites the ops whose signature changed (for example the
-    ReduceMean axes attribute that became an input at opset 18).
-    """
-    current = default_opset(model)
-    if opset is None or opset == current:
-        return model
-    if opset < current:
-        raise MxqnError(f"the model already uses opset {current}; --opset can only raise it (got {opset})")
-    from onnx import version_converter
-
-    try:
-        return version_converter.convert_version(model, opset)
-    except Exception as exc:  # the converter raises bare RuntimeErrors
-        first = first_line(exc)
-        raise MxqnError(f"could not convert the model from opset {current} to {opset} ({first})") from None
-
-
 def save_model_atomic(model: onnx.ModelProto, path) -> None:
     """Write ``model`` to ``path`` atomically (see :func:`write_atomic`)."""
     write_atomic(path, model.SerializeToString(), "model")
@@ -187,105 +175,6 @@ def write_atomic(path, data: bytes, what: str) -> None:
         raise
 
 
-def _normalised_fp32(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = max(source.ir_version, 7)
-    return model
-
-
-def _equalize(graph: gs.Graph, config: QuantConfig) -> dict:
-    """Cross-layer equalization, with each layer's weight SQNR at ``wbits`` before and after."""
-    from .choose import choose_weight
-
-    def weight_sqnr() -> Dict[str, float]:
-        layers, _ = find_layers(graph, config.exclude)
-        return {l.name: choose_weight(l.weight, config.wbits, config.weight_granularity, l.channel_axis,
-                                      config.channel_gain_db, config.weight_clip).sqnr_db for l in layers}
-
-    before = weight_sqnr()
-    pairs, channels = equalize_channel_ranges(graph, power_of_two=config.equalize == "pow2")
-    after = weight_sqnr()
-    return {"mode": config.equalize, "pairs": pairs, "channels": channels,
-            "weight_sqnr_db": {n: {"before": before[n], "after": after.get(n)} for n in before}}
-
-
-def _keep_float(layers, skipped, config: QuantConfig):
-    if not config.keep_float or not layers:
-        return layers, skipped
-    drop = set()
-    if config.keep_first:
-        drop.add(0)
-    if config.keep_last:
-        drop.add(len(layers) - 1)
-    for i in sorted(drop):
-        which = "first" if i == 0 else "last"
-        skipped.append(Skipped(layers[i].name, layers[i].op, f"kept in float ({which} layer, --keep-float)"))
-    return [l for i, l in enumerate(layers) if i not in drop], skipped
-
-
-def _mixed_precision(graph, layers, skipped, hists, n_samples, config: QuantConfig, fp32, source,
-                     kept, source_model, validation, progress: bool, samples=None, means=None):
-    """Sensitivities, then allocation with verification (:mod:`mxqn_onnx.mixed`).
-
-    Candidate models are rewritten from copies of the normalised graph, which stays untouched
-    for the final rewrite.
-    """
-    from . import mixed
-    from .sensitivity import make_probe
-
-    def log(msg: str) -> None:
-        if progress:
-            print(f"mxqn-onnx: {msg}", file=sys.stderr)
-
-    def batches(limit: int):
-        return list(source.batches(min(limit, config.calib_count or limit))) if source.reiterable \
-            else _take(kept, limit)
-
-    opset = max(int(graph.opset), MIN_OPSET)
-    probe = make_probe(fp32, layers, hists, batches(config.probe_count), config, opset)
-
-    def build(bits):
-        g = graph.copy()
-        ls, _ = find_layers(g, config.exclude)
-        ls, _ = _keep_float(ls, [], config)
-        d, a = choose_all(ls, hists, config, bits, samples, means)
-        meta = QuantResult(onnx.ModelProto(), d, a, skipped, 0.0, None, n_samples, 0, 0,
-                           config=config, opset=opset).decisions()
-        qm = rewrite(g, ls, d, a, source_model, meta, fmt=config.format,
-                     qdq_encoding=config.qdq_encoding)
-        return d, a, qm
-
-    def measure(built):
-        if not config.verify:
-            return None
-        return compare(source_model, built[-1], iter(batches(config.verify_count)))
-
-    evaluate = None
-    if validation is not None:
-        val = make_source(validation, input_specs(source_model), config.batch_size)
-        if val.labels is None:
-            raise MxqnError("the validation data has no labels (an array named 'labels'); "
-                            "accuracy cannot be measured")
-
-        def evaluate(built):
-            return compare(source_model, built[-1], val.batches(), val.labels)
-
-    elif config.max_accuracy_drop is not None:
-        raise MxqnError("max_accuracy_drop needs labelled validation data (--val FILE.npz with 'labels')")
-    return mixed.run(layers, hists, n_samples, config, probe, build, measure, evaluate, log)
-
-
-def _take(batches, limit: int):
-    """The first batches holding up to ``limit`` samples."""
-    out, n = [], 0
-    for b in batches:
-        if n >= limit:
-            break
-        out.append(b)
-        n += int(next(iter(b.values())).shape[0])
-    return out
-
-
 def quantize(
     model: ModelLike,
     calibration: CalibrationLike,
@@ -317,13 +206,22 @@ def quantize(
     else:
         config = QuantConfig.from_kwargs(**{**config.to_dict(), **overrides})
     source_model = load_model(model)
-    specs = input_specs(source_model)
-    source = make_source(calibration, specs, config.batch_size, preprocess, image_size,
+    source = make_source(calibration, input_specs(source_model), config.batch_size, preprocess, image_size,
                          random_count=config.calib_count)
     if config.equalize == "off" or not config.verify or not source.reiterable:
         return _quantize(source_model, source, config, t0, progress, validation)
-    # Equalization changes every activation range, so whether it helps is only known after
-    # quantizing: convert with and without it and keep the better measured output SQNR.
+    return _with_and_without_equalization(source_model, source, config, t0, progress, validation)
+
+
+def _with_and_without_equalization(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig,
+                                   t0: float, progress: bool, validation) -> QuantResult:
+    """Two conversions, with and without cross-layer equalization: the one whose measured
+    output SQNR is better.
+
+    Equalization changes every activation range, so whether it helps is only known after
+    quantizing. The result's equalization record (and its stored metadata) says whether it was
+    kept and what each conversion measured.
+    """
     with_eq = _quantize(source_model, source, config, t0, progress, validation)
     without = _quantize(source_model, source, dataclasses.replace(config, equalize="off"),
                         time.perf_counter(), progress, validation)
@@ -344,19 +242,83 @@ def _set_metadata(model: onnx.ModelProto, decisions: dict) -> None:
             prop.value = json.dumps(decisions, sort_keys=True)
 
 
-def _quantize(source_model: onnx.ModelProto, source, config: QuantConfig, t0: float, progress: bool,
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig, t0: float, progress: bool,
               validation) -> QuantResult:
-    """One conversion of a loaded model (see :func:`quantize`)."""
+    """One conversion of a loaded model (see :func:`quantize`), stage by stage."""
+    prepared = _prepare_graph(source_model, source, config)
+    layers, skipped = _find_layers(prepared.graph, config)
+    fp32 = export_fp32(prepared.graph, source_model)
+    t_load = time.perf_counter()
+
+    stats = _calibrate(fp32, prepared, layers, source, config, progress)
+    t_calib = time.perf_counter()
+
+    outcome = None
+    if config.allocation_mode is not None:
+        outcome = _mixed_precision(prepared.graph, layers, skipped, stats, fp32, source_model, source, config,
+                                   validation, progress)
+    del fp32
+    t_mixed = time.perf_counter()
+
+    decisions, acts = _choose(layers, stats, outcome, config)
+    stats.samples = {}  # the data-aware steps are done with the kept layer inputs
+    t_choose = time.perf_counter()
+
+    result = _result(source_model, prepared, layers, skipped, decisions, acts, stats, outcome, config)
+    result.model = _rewrite(prepared.graph, layers, result, source_model)
+    result.size_after = result.model.ByteSize()
+    t_rewrite = time.perf_counter()
+
+    result.comparison = _verify(result.model, source_model, source, stats.kept, config, outcome)
+    t_verify = time.perf_counter()
+    result.timings = {
+        "load": t_load - t0, "calibrate": t_calib - t_load, "mixed_precision": t_mixed - t_calib,
+        "choose": t_choose - t_mixed,
+        # summed over layers (they run on several threads, so it can exceed "choose")
+        "rounding_layer_seconds": sum(d.rounding_seconds for d in decisions),
+        "rewrite": t_rewrite - t_choose, "convert_total": t_rewrite - t0, "verify": t_verify - t_rewrite,
+    }
+    return result
+
+
+@dataclass
+class _Prepared:
+    """The normalised graph and what preparing it decided."""
+
+    graph: gs.Graph
+    #: cross-layer equalization: pairs, channels, weight SQNR before/after (None: off)
+    equalization: Optional[dict]
+    #: BatchNorm output priors for data-free bias correction (None: means from the data)
+    priors: Optional[correction.Priors]
+
+
+def _prepare_graph(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig) -> _Prepared:
+    """Stage 1: the loaded FP32 model as a normalised graph, ready to find layers in.
+
+    Raises the opset when asked; reads the BatchNorm priors (data-free bias correction) before
+    normalising folds the BatchNorms away; then the FP32-preserving channel rescalings of
+    ``lowbit``: cross-layer equalization and power-of-two alignment, when switched on.
+    """
     upgraded = raise_opset(source_model, config.opset)
     use_priors = config.bias_correction and (
         config.bias_means == "batchnorm" or (config.bias_means == "auto" and source.synthetic))
     priors = correction.batchnorm_priors(upgraded) if use_priors else None
     graph = normalise(upgraded)
-    equalized = None
-    if config.equalize != "off":
-        equalized = _equalize(graph, config)
+    equalization = equalize_and_measure(graph, config) if config.equalize != "off" else None
     if config.align_channels and config.weight_granularity != "tensor":
         align_channel_ranges(graph, config.wbits)
+    return _Prepared(graph, equalization, priors)
+
+
+def _find_layers(graph: gs.Graph, config: QuantConfig) -> Tuple[List[Layer], List[Skipped]]:
+    """Stage 2: the layers to quantize, and the layer-type nodes left in float with the reason.
+
+    Excluded names and, with ``keep_float``, the first/last layer stay float. A model with
+    nothing to quantize is refused unless ``allow_empty``.
+    """
     layers, skipped = find_layers(graph, config.exclude)
     layers, skipped = _keep_float(layers, skipped, config)
     if not layers and not config.allow_empty:
@@ -366,9 +328,36 @@ def _quantize(source_model: onnx.ModelProto, source, config: QuantConfig, t0: fl
             "in this model" + (f" ({detail})" if detail else "") + "; nothing to do "
             "(--allow-empty writes it unquantized anyway)"
         )
-    fp32 = _normalised_fp32(graph, source_model)
-    t_load = time.perf_counter()
+    return layers, skipped
 
+
+def _keep_float(layers: List[Layer], skipped: List[Skipped], config: QuantConfig):
+    return keep_ends_in_float(layers, skipped, config.keep_float and config.keep_first,
+                              config.keep_float and config.keep_last)
+
+
+@dataclass
+class _Statistics:
+    """What calibration measured."""
+
+    hists: Dict[str, TensorHistogram]  # per layer input tensor
+    n_samples: int
+    kept: list  # the first batches, when the data cannot be read twice (verification, probes)
+    samples: Dict[str, np.ndarray]  # the first samples of each layer input (data-aware steps)
+    means: Optional[Dict[str, np.ndarray]]  # input channel means from BatchNorm priors (None: data)
+    bias_means: str  # where bias correction takes its input means, as reported
+
+
+def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], source: DataSource,
+               config: QuantConfig, progress: bool) -> _Statistics:
+    """Stage 3: stream the calibration data through the normalised FP32 model.
+
+    Gives a histogram of every layer input (with per-channel means where bias correction needs
+    them), the first samples of each layer input when data-aware rounding or the output
+    objective will use them, the batches kept for verification and the sensitivity probe when
+    the data cannot be read twice, and, for data-free bias correction, the input channel means
+    from the BatchNorm priors.
+    """
     tensors = [l.data.name for l in layers]
     keep = 0 if source.reiterable else config.verify_count
     if config.allocation_mode is not None and not source.reiterable:
@@ -385,66 +374,141 @@ def _quantize(source_model: onnx.ModelProto, source, config: QuantConfig, t0: fl
         fp32, tensors, source, config.calib_count, progress,
         keep_batches=keep if (config.verify or config.allocation_mode is not None) else 0,
         channel_axes=channel_axes, samples=samples)
-    sample_arrays = {t: a for t, a in ((t, s.array()) for t, s in samples.items()) if a is not None}
-    del samples
+    arrays = {t: a for t, a in ((t, s.array()) for t, s in samples.items()) if a is not None}
     # data-free bias correction: channel means from the BatchNorm priors instead of the data;
     # equalization rescaled the BN outputs' channels, so the priors no longer describe them
-    means = None
-    if priors is not None:
-        means = {} if equalized is not None else correction.prior_input_means(graph, priors)
-    t_calib = time.perf_counter()
+    means, bias_means = None, "data"
+    if prepared.priors is not None:
+        if prepared.equalization is None:
+            means, bias_means = correction.prior_input_means(prepared.graph, prepared.priors), "batchnorm"
+        else:
+            means, bias_means = {}, "none (BatchNorm priors do not hold after equalization)"
+    return _Statistics(hists, n_samples, kept, arrays, means, bias_means)
 
-    outcome = None
-    if config.allocation_mode is not None:
-        outcome = _mixed_precision(graph, layers, skipped, hists, n_samples, config, fp32, source, kept,
-                                   source_model, validation, progress, sample_arrays, means)
-    del fp32
-    t_mixed = time.perf_counter()
 
-    decisions, acts = choose_all(layers, hists, config, outcome.bits if outcome else None, sample_arrays,
-                                 means)
-    del sample_arrays
+def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped], stats: _Statistics,
+                     fp32: onnx.ModelProto, source_model: onnx.ModelProto, source: DataSource,
+                     config: QuantConfig, validation, progress: bool) -> mixed.Outcome:
+    """Stage 4 (mixed precision only): a bit width per layer, from sensitivities and the
+    allocation of :mod:`mxqn_onnx.mixed.search`, verified (and refined) on calibration data.
+
+    Candidate models are rewritten from copies of the normalised graph, which stays untouched
+    for the final rewrite. Gives the widths, the comparison of the chosen model and the record.
+    """
+    def log(msg: str) -> None:
+        if progress:
+            print(f"mxqn-onnx: {msg}", file=sys.stderr)
+
+    def batches(limit: int):
+        return list(source.batches(min(limit, config.calib_count or limit))) if source.reiterable \
+            else _take(stats.kept, limit)
+
+    opset = max(int(graph.opset), MIN_OPSET)
+    probe = make_probe(fp32, layers, stats.hists, batches(config.probe_count), config, opset)
+
+    def build(bits):
+        g = graph.copy()
+        ls, _ = find_layers(g, config.exclude)
+        ls, _ = _keep_float(ls, [], config)
+        d, a = choose_all(ls, stats.hists, config, bits, stats.samples, stats.means)
+        meta = QuantResult(onnx.ModelProto(), d, a, skipped, 0.0, None, stats.n_samples, 0, 0,
+                           config=config, opset=opset).decisions()
+        qm = rewrite(g, ls, d, a, source_model, meta, fmt=config.format,
+                     qdq_encoding=config.qdq_encoding)
+        return d, a, qm
+
+    def measure(built):
+        if not config.verify:
+            return None
+        return compare(source_model, built[-1], iter(batches(config.verify_count)))
+
+    evaluate = None
+    if validation is not None:
+        val = make_source(validation, input_specs(source_model), config.batch_size)
+        if val.labels is None:
+            raise MxqnError("the validation data has no labels (an array named 'labels'); "
+                            "accuracy cannot be measured")
+
+        def evaluate(built):
+            return compare(source_model, built[-1], val.batches(), val.labels)
+
+    elif config.max_accuracy_drop is not None:
+        raise MxqnError("max_accuracy_drop needs labelled validation data (--val FILE.npz with 'labels')")
+    return mixed.run(layers, stats.hists, stats.n_samples, config, probe, build, measure, evaluate, log)
+
+
+def _choose(layers: List[Layer], stats: _Statistics, outcome: Optional[mixed.Outcome],
+            config: QuantConfig) -> Tuple[List[LayerDecision], Dict[str, ActDecision]]:
+    """Stage 5: every layer's quantizers, chosen by SQNR (:func:`mxqn_onnx.quant.choose.choose_all`).
+
+    Weight bits and fractional length(s), the activation quantizer (fixed or log, shared by
+    tensor) and the bias length, with the low-bit steps the config switches on (data-aware
+    rounding and the output objective on the kept samples, bias correction with data or prior
+    means). Widths come from the mixed-precision outcome when there is one.
+    """
+    return choose_all(layers, stats.hists, config, outcome.bits if outcome else None, stats.samples,
+                      stats.means)
+
+
+def _take(batches, limit: int):
+    """The first batches holding up to ``limit`` samples."""
+    out, n = [], 0
+    for b in batches:
+        if n >= limit:
+            break
+        out.append(b)
+        n += int(next(iter(b.values())).shape[0])
+    return out
+
+
+def _result(source_model: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], skipped: List[Skipped],
+            decisions: List[LayerDecision], acts: Dict[str, ActDecision], stats: _Statistics,
+            outcome: Optional[mixed.Outcome], config: QuantConfig) -> QuantResult:
+    """Stage 6: the record of what was decided and predicted, before the model exists.
+
+    The predicted output SQNR combines every quantizer's SQNR by the additive noise model; the
+    calibration, mixed-precision and equalization records and the histogram summaries go in
+    for the report.
+    """
     # a weight's noise as the layer's output sees it, where measured on calibration inputs
     # (data-aware rounding trades weight SQNR for exactly that)
     terms = [d.weight.sqnr_db if d.weight.output_sqnr_db is None else d.weight.output_sqnr_db
              for d in decisions] + [a.sqnr_db for a in acts.values()]
-    predicted = combine_sqnr_db(terms)
-    t_choose = time.perf_counter()
-
-    result = QuantResult(
+    return QuantResult(
         model=onnx.ModelProto(), layers=decisions, activations=acts, float_layers=skipped,
-        predicted_sqnr_db=predicted, comparison=None, calibration_samples=n_samples,
+        predicted_sqnr_db=combine_sqnr_db(terms), comparison=None, calibration_samples=stats.n_samples,
         size_before=source_model.ByteSize(), size_after=0, config=config,
-        opset=max(int(graph.opset), MIN_OPSET),
+        opset=max(int(prepared.graph.opset), MIN_OPSET),
         allocation=outcome.record if outcome else None,
-        equalization=equalized,
-        bias_means="data" if priors is None else "batchnorm" if equalized is None else
-        "none (BatchNorm priors do not hold after equalization)",
-        histograms={t: histogram_summary(h) for t, h in hists.items()},
+        equalization=prepared.equalization,
+        bias_means=stats.bias_means,
+        histograms={t: histogram_summary(h) for t, h in stats.hists.items()},
         packed_weight_bytes=packed_weight_bytes(layers, [d.weight.bits for d in decisions]),
     )
-    qmodel = rewrite(graph, layers, decisions, acts, source_model, result.decisions(), fmt=config.format,
-                     qdq_encoding=config.qdq_encoding)
+
+
+def _rewrite(graph: gs.Graph, layers: List[Layer], result: QuantResult,
+             source_model: onnx.ModelProto) -> onnx.ModelProto:
+    """Stage 7: the quantized model: the normalised graph rewritten with the decisions of
+    ``result`` (stored as its metadata) in the configured format, checked by onnx's checker."""
+    config = result.config
+    qmodel = rewrite(graph, layers, result.layers, result.activations, source_model, result.decisions(),
+                     fmt=config.format, qdq_encoding=config.qdq_encoding)
     try:
         onnx.checker.check_model(qmodel)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not bad input
         raise RuntimeError(f"mxqn-onnx produced an invalid model: {exc}") from exc
-    result.model = qmodel
-    result.size_after = qmodel.ByteSize()
-    t_rewrite = time.perf_counter()
+    return qmodel
 
+
+def _verify(qmodel: onnx.ModelProto, source_model: onnx.ModelProto, source: DataSource, kept: list,
+            config: QuantConfig, outcome: Optional[mixed.Outcome]) -> Optional[Comparison]:
+    """Stage 8: the FP32 and the quantized model side by side on calibration samples (None:
+    ``verify`` off). Mixed precision has already measured this very model."""
     if outcome is not None and outcome.comparison is not None:
-        result.comparison = outcome.comparison  # measured on this very model during allocation
-    elif config.verify:
-        batches = source.batches(min(config.verify_count, config.calib_count or config.verify_count)) \
-            if source.reiterable else iter(kept)
-        result.comparison = compare(source_model, qmodel, batches)
-    t_verify = time.perf_counter()
-    result.timings = {
-        "load": t_load - t0, "calibrate": t_calib - t_load, "mixed_precision": t_mixed - t_calib,
-        "choose": t_choose - t_mixed,
-        # summed over layers (they run on several threads, so it can exceed "choose")
-        "rounding_layer_seconds": sum(d.rounding_seconds for d in decisions),
-        "rewrite": t_rewrite - t_choose, "convert_total": t_rewrite - t0, "verify": t_verify - t_rewrite,
-    }
-    return result
+        return outcome.comparison
+    if not config.verify:
+        return None
+    batches = source.batches(min(config.verify_count, config.calib_count or config.verify_count)) \
+        if source.reiterable else iter(kept)
+    return compare(source_model, qmodel, batches)

@@ -12,10 +12,10 @@ from typing import List, Optional
 
 from rich.console import Console
 
-from . import __version__
+from ._version import __version__
+from .calibration.data import PREPROCESSING
 from .config import (ACT_MODES, AUTO_ROUNDING_MAX_BITS, BIAS_MEANS, EQUALIZE, FORMATS, QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES,
                      ROUNDINGS, SENSITIVITIES, QuantConfig)
-from .data import PREPROCESSING
 from .errors import MxqnError
 
 
@@ -152,13 +152,14 @@ def _add_report(sub) -> None:
 
 
 def cmd_report(args, console: Console, err: Console) -> int:
-    from .report import load_report, print_report
+    from .report.inspection import load_report
+    from .report.tables import print_report
 
     report, kind = load_report(args.model)
     if not args.quiet:
         print_report(report, console, title=f"mxqn-onnx: {args.model}")
     if args.plot:
-        from .plots import write_plots
+        from .report.plots import write_plots
 
         files = write_plots(report, args.plot)
         console.print(f"wrote {len(files)} plots to {args.plot}", highlight=False)
@@ -195,7 +196,7 @@ def _add_simulate(sub) -> None:
 
 
 def cmd_simulate(args, console: Console, err: Console) -> int:
-    from .simulate import simulate_file
+    from .integer.executor import simulate_file
 
     if not Path(args.model).is_file():
         raise MxqnError(f"{args.model}: no such file; give the path of an mxqn .onnx model")
@@ -262,7 +263,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
     if args.report:
         _check_output_path(args.input, args.report, "report")
     if args.plot:
-        from .plots import require_matplotlib
+        from .report.plots import require_matplotlib
 
         require_matplotlib()  # fail before the conversion, not after it
     config = QuantConfig(
@@ -293,7 +294,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
                       validation=args.val)
     report = result.report()
     if not args.quiet:
-        from .report import print_report
+        from .report.tables import print_report
 
         print_report(report, console, title=f"mxqn-onnx: {args.input}")
     save_model_atomic(result.model, args.output)
@@ -301,7 +302,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         write_atomic(args.report, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(), "report")
     console.print(f"wrote {args.output}", highlight=False)
     if args.plot:
-        from .plots import write_plots
+        from .report.plots import write_plots
 
         files = write_plots(report, args.plot)
         console.print(f"wrote {len(files)} plots to {args.plot}", highlight=False)
@@ -309,30 +310,29 @@ def cmd_convert(args, console: Console, err: Console) -> int:
 
 
 def cmd_inspect(args, console: Console, err: Console) -> int:
-    from .inspection import inspect_model
+    from .report.inspection import inspect_model
 
     info = inspect_model(args.model)
     if args.json:
         console.print_json(json.dumps(info))
         return 0
-    from .inspection import print_inspection
+    from .report.inspection import print_inspection
 
     print_inspection(info, console)
     return 0
 
 
 def cmd_evaluate(args, console: Console, err: Console) -> int:
-    from .data import input_specs, make_source
-    from .loading import is_mxqn_model
-    from .measure import compare
-    import onnx
+    from .calibration.data import input_specs, make_source
+    from .graph.loading import is_mxqn_model, read_model
+    from .report.measure import compare
 
     models = []
     for path in (args.fp32, args.quant):
         if not Path(path).is_file():
             raise MxqnError(f"{path}: no such file; give the path of an .onnx model")
         try:
-            models.append(onnx.load(path))
+            models.append(read_model(path))
         except Exception as exc:
             raise MxqnError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     if is_mxqn_model(models[0]) and not is_mxqn_model(models[1]):

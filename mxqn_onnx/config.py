@@ -10,7 +10,7 @@ from .errors import MxqnError
 GRANULARITIES = ("auto", "tensor", "channel")
 ACT_MODES = ("auto", "fixed", "log")
 FORMATS = ("mxqn", "qdq")
-#: How the qdq format stores 8-bit codes; see :mod:`mxqn_onnx.qdq`.
+#: How the qdq format stores 8-bit codes; see :mod:`mxqn_onnx.graph.qdq`.
 QDQ_ENCODINGS = ("safe", "int8")
 MIN_BITS, MAX_BITS = 2, 16
 SENSITIVITIES = ("quantizer", "noise", "none")
@@ -56,16 +56,16 @@ class QuantConfig:
             default: it raises weight SQNR but lowers output SQNR at low bit widths.
         align_channels: rescale output channels (compensated in the next layer, FP32 function
             unchanged) so each channel's weights fill its power-of-two grid; see
-            :mod:`mxqn_onnx.align`. Off by default: measured +1.7 to +3.4 dB on ResNet34 and
+            :mod:`mxqn_onnx.lowbit.align`. Off by default: measured +1.7 to +3.4 dB on ResNet34 and
             VGG19 at 4-bit weights but -0.6 to -1.7 dB on ResNet18 and at 8 bits.
         rounding: how weights are rounded onto their grid: ``nearest``, ``gptq`` (each code
             chosen for the layer's output error on calibration inputs, see
-            :mod:`mxqn_onnx.rounding`) or ``auto`` (gptq at or below 6-bit weights, and at
+            :mod:`mxqn_onnx.lowbit.rounding`) or ``auto`` (gptq at or below 6-bit weights, and at
             any width for models whose rounding is cheap, see ``AUTO_ROUNDING_BUDGET``).
         act_objective: what an activation quantizer is chosen for: ``tensor`` (its own SQNR,
             the paper's rule) or ``output`` (the SQNR at the outputs of the layers reading
-            it, see :mod:`mxqn_onnx.objective`).
-        equalize: cross-layer equalization before calibration (:mod:`mxqn_onnx.align`):
+            it, see :mod:`mxqn_onnx.quant.objective`).
+        equalize: cross-layer equalization before calibration (:mod:`mxqn_onnx.lowbit.align`):
             ``off``, ``pow2`` (power-of-two factors: the FP32 function is exactly kept) or
             ``float``.
         data_samples: calibration samples whose layer inputs are kept for the data-aware
@@ -82,7 +82,7 @@ class QuantConfig:
             without VNNI; exact on every CPU) or ``int8`` (signed, zero point 0 everywhere:
             what TensorRT accepts; exact in onnxruntime only with VNNI or on Arm).
 
-    Mixed precision (any of these turns it on; see :mod:`mxqn_onnx.mixed`):
+    Mixed precision (any of these turns it on; see :mod:`mxqn_onnx.mixed.search`):
         target_sqnr_db: output SQNR to reach with the fewest bits (weights + activations).
         avg_wbits / avg_abits: budgets: average weight bits per parameter / activation bits
             per element; the highest predicted SQNR within them. A group without a budget
@@ -94,7 +94,7 @@ class QuantConfig:
         bits_set: the widths a layer may get.
         sensitivity: how much each layer's noise reaches the output: ``quantizer`` (measured
             with the real quantizers, one layer at a time), ``noise`` (Gaussian noise
-            injection) or ``none`` (every layer 1). See :mod:`mxqn_onnx.sensitivity`.
+            injection) or ``none`` (every layer 1). See :mod:`mxqn_onnx.mixed.sensitivity`.
         probe_count / probe_sqnr_db: samples for the probe; the ``noise`` probe's level.
         refine_steps: at most this many re-allocations when the measured SQNR misses.
     """
@@ -222,7 +222,7 @@ class QuantConfig:
 
     def rounds_with_data(self, wbits: int, model_cost: float = float("inf")) -> bool:
         """Whether weights of ``wbits`` get data-aware rounding, in a model whose rounding is
-        estimated at ``model_cost`` multiply-adds (:func:`mxqn_onnx.rounding.estimated_cost`)."""
+        estimated at ``model_cost`` multiply-adds (:func:`mxqn_onnx.lowbit.rounding.estimated_cost`)."""
         if self.rounding != "auto":
             return self.rounding == "gptq"
         return wbits <= AUTO_ROUNDING_MAX_BITS or model_cost <= AUTO_ROUNDING_BUDGET

@@ -171,7 +171,7 @@ def run_ort(pre_path: str, out_path: str, calib: np.ndarray, input_name: str, wb
 
 def evaluate(fp32, quant, x: np.ndarray, y: np.ndarray, input_name: str) -> dict:
     """Top-1, output SQNR and top-1 agreement of ``quant`` against ``fp32`` on a test split."""
-    from mxqn_onnx.measure import compare
+    from mxqn_onnx.report.measure import compare
 
     batches = ({input_name: x[i:i + 128]} for i in range(0, len(x), 128))
     c = compare(fp32, quant, batches, y)
@@ -275,7 +275,7 @@ def worker(task: dict) -> dict:
         out["wall_s"] = time.perf_counter() - t0
     elif kind == "mxqn":
         import mxqn_onnx
-        from mxqn_onnx.data import DataSource, InputSpec
+        from mxqn_onnx.calibration.data import DataSource, InputSpec
 
         specs = [InputSpec(name, (None,) + shape, np.dtype(np.float32))]
         t0 = time.perf_counter()
@@ -289,7 +289,7 @@ def worker(task: dict) -> dict:
     elif kind == "mxqn_verify":
         import onnx as _onnx
 
-        from mxqn_onnx.measure import compare
+        from mxqn_onnx.report.measure import compare
 
         t0 = time.perf_counter()
         c = compare(_onnx.load(model), _onnx.load(task["quantized"]),

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mxqn_onnx  # noqa: E402
-from mxqn_onnx.data import input_specs, make_source  # noqa: E402
-from mxqn_onnx.measure import compare  # noqa: E402
+from mxqn_onnx.calibration.data import input_specs, make_source  # noqa: E402
+from mxqn_onnx.report.measure import compare  # noqa: E402
 
 
 def zoo_models(zoo_dir: Path) -> Dict[str, dict]:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import mxqn_onnx  # noqa: E402
-from mxqn_onnx import quantizers as Q  # noqa: E402
+from mxqn_onnx.quant import quantizers as Q  # noqa: E402
 from bench import run_ort  # noqa: E402
 from bench_latency import session, time_interleaved  # noqa: E402
 

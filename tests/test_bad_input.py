@@ -81,6 +81,31 @@ def test_input_not_onnx(work, capsys):
     _fails_cleanly(work, capsys, _convert(work, model="notes.onnx"), ["notes.onnx"])
 
 
+# onnx.load picks a JSON or text parser by these extensions; models are read as binary whatever the name
+TEXT_EXTENSIONS = [".json", ".txt", ".onnxjson", ".textproto", ".pbtxt", ".prototxt", ".txtpb", ".onnxtxt",
+                   ".onnxtext"]
+
+
+@pytest.mark.parametrize("ext", TEXT_EXTENSIONS)
+def test_input_text_file_with_a_text_extension(work, capsys, ext):
+    (work / f"notes{ext}").write_text('{"graph": {"node": []}, "notes": "not a model"}\n')
+    _fails_cleanly(work, capsys, _convert(work, model=f"notes{ext}"), [f"notes{ext}", "not a readable ONNX model"])
+
+
+@pytest.mark.parametrize("fmt, ext", [("json", ".json"), ("textproto", ".textproto"), ("onnxtxt", ".onnxtxt")])
+def test_input_json_or_text_model(work, capsys, fmt, ext):
+    """A model saved in one of onnx's text formats: refused in one line, like any non-binary file."""
+    onnx.save(small_cnn(), str(work / f"text_model{ext}"), format=fmt)
+    _fails_cleanly(work, capsys, _convert(work, model=f"text_model{ext}"),
+                   [f"text_model{ext}", "not a readable ONNX model", "binary"])
+
+
+@pytest.mark.parametrize("ext", [".json", ".txt", ".onnxtxt"])
+def test_binary_model_with_a_text_extension_converts(work, capsys, ext):
+    (work / f"model{ext}").write_bytes((work / "model.onnx").read_bytes())
+    assert main(_convert(work, model=f"model{ext}")) == 0, capsys.readouterr().err
+
+
 def test_input_truncated(work, capsys):
     data = (work / "model.onnx").read_bytes()
     (work / "cut.onnx").write_bytes(data[: len(data) // 2])
@@ -346,6 +371,18 @@ def test_subprocess_exit_code_and_single_line(work, case):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert proc.returncode == 2
     assert len(lines) == 1 and lines[0].startswith("mxqn-onnx: error: "), proc.stderr
+    assert list((work / "out").iterdir()) == [] and _snapshot(work) == before
+
+
+@pytest.mark.parametrize("ext", [".json", ".txt"])
+def test_subprocess_text_extension_is_one_line(work, ext):
+    (work / f"notes{ext}").write_text("these are my notes, not a model\n")
+    before = _snapshot(work)
+    proc = run_cli(*_convert(work, model=f"notes{ext}"))
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("mxqn-onnx: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
     assert list((work / "out").iterdir()) == [] and _snapshot(work) == before
 
 

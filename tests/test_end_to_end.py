@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 
 import mxqn_onnx
-from mxqn_onnx.data import input_specs, make_source
-from mxqn_onnx.functions import DOMAIN
-from mxqn_onnx.loading import METADATA_KEY
-from mxqn_onnx.measure import compare
+from mxqn_onnx.calibration.data import input_specs, make_source
+from mxqn_onnx.graph.functions import DOMAIN
+from mxqn_onnx.graph.loading import METADATA_KEY
+from mxqn_onnx.report.measure import compare
 
 from conftest import run_cli
 
@@ -55,9 +55,9 @@ def test_output_format(w8, digits_model):
 
 
 def test_stored_weights_decode_to_the_chosen_fixed_point(w8, digits_model):
-    from mxqn_onnx import quantizers as Q
-    from mxqn_onnx.layers import find_layers
-    from mxqn_onnx.loading import load_model, normalise
+    from mxqn_onnx.graph.layers import find_layers
+    from mxqn_onnx.graph.loading import load_model, normalise
+    from mxqn_onnx.quant import quantizers as Q
 
     graph = normalise(load_model(digits_model))
     layers, _ = find_layers(graph)
@@ -92,7 +92,7 @@ def test_w4a4_runs_and_report_consistent(digits_model, digits_calib, digits_test
     # weights count with the layer-output SQNR measured on calibration inputs (rounding is data-aware at 4 bits)
     assert all(l["weight"]["output_sqnr_db"] is not None for l in rep["layers"])
     terms = [l["weight"]["output_sqnr_db"] for l in rep["layers"]] + [a["sqnr_db"] for a in rep["activations"]]
-    assert rep["predicted_output_sqnr_db"] == pytest.approx(mxqn_onnx.quantizers.combine_sqnr_db(terms), abs=1e-3)
+    assert rep["predicted_output_sqnr_db"] == pytest.approx(mxqn_onnx.quant.quantizers.combine_sqnr_db(terms), abs=1e-3)
     assert rep["predicted_output_sqnr_db"] < min(terms)
     # fewer bits, more noise
     r8 = mxqn_onnx.quantize(digits_model, digits_calib, wbits=8, abits=8, verify=False)
@@ -182,10 +182,10 @@ def test_cli_bad_input_one_line(tmp_path, digits_model, digits_calib):
 
 
 def test_weights_never_clip_unless_asked(digits_model, digits_calib):
-    from mxqn_onnx import quantizers as Q
-    from mxqn_onnx.choose import _channels_first
-    from mxqn_onnx.layers import find_layers
-    from mxqn_onnx.loading import load_model, normalise
+    from mxqn_onnx.graph.layers import find_layers
+    from mxqn_onnx.graph.loading import load_model, normalise
+    from mxqn_onnx.quant import quantizers as Q
+    from mxqn_onnx.quant.choose import _channels_first
 
     layers, _ = find_layers(normalise(load_model(digits_model)))
     plain = mxqn_onnx.quantize(digits_model, digits_calib, wbits=4, abits=8, verify=False)

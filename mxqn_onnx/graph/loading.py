@@ -1,0 +1,264 @@
+"""Load an FP32 ONNX model and normalise its graph for quantization.
+
+Normalising means: weights become constants (Constant nodes and constant subgraphs are
+folded), BatchNormalization is folded into the Conv/ConvTranspose/Gemm before it, and every
+node has a unique name. The source's inputs and outputs are kept as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from ..errors import MxqnError, first_line
+from .functions import DOMAIN as MXQN_DOMAIN
+
+METADATA_KEY = "mxqn"
+#: The quantizer functions need Constant's value_int (opset 13 in practice, as that is the
+#: oldest opset the torch exporters still default to); older models are upgraded to it.
+MIN_OPSET = 13
+UPGRADE_OPSET = 13
+
+ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+#: extensions onnx.load would read as JSON or text (and the plain .txt the name suggests)
+TEXT_SUFFIXES = frozenset({".json", ".onnxjson", ".txt", ".textproto", ".pbtxt", ".prototxt", ".txtpb",
+                           ".onnxtxt", ".onnxtext"})
+#: ops that only appear in models some quantizer already processed
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                           "QLinearMatMul", "ConvInteger", "MatMulInteger"})
+
+
+def load_model(src: ModelLike) -> onnx.ModelProto:
+    """Read a model (path or ModelProto, external data included) and check it can be quantized."""
+    if isinstance(src, onnx.ModelProto):
+        model = src
+        label = "the model"
+    else:
+        path = Path(src)
+        label = str(path)
+        if not path.exists():
+            raise MxqnError(f"{path}: no such file; give the path of an .onnx model")
+        if not path.is_file():
+            raise MxqnError(f"{path}: not a file; give the path of an .onnx model")
+        try:
+            model = read_model(path)
+        except (DecodeError, RuntimeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
+            # ValidationError: a tensor's external data file is missing or not a file
+            first = first_line(exc)
+            hint = ""
+            if path.suffix.lower() in TEXT_SUFFIXES:
+                hint = ("; mxqn-onnx reads binary .onnx models whatever the name "
+                        "(save a JSON or text model as .onnx first)")
+            raise MxqnError(f"{path}: not a readable ONNX model ({first}){hint}") from None
+    check_quantizable(model, label)
+    return model
+
+
+def read_model(path) -> onnx.ModelProto:
+    """The binary protobuf model at ``path``, external data included, whatever the file name.
+
+    ``onnx.load`` picks a JSON or text parser by the extension (``.json``, ``.txt``-like
+    ``.textproto``/``.pbtxt``/``.onnxtxt``, ...), whose errors are not the protobuf decode errors
+    the callers turn into one-line messages; every model is an ``.onnx`` file here.
+    """
+    return onnx.load(str(path), format="protobuf", load_external_data=True)
+
+
+def raise_opset(model: onnx.ModelProto, opset: Optional[int]) -> onnx.ModelProto:
+    """The model converted to default-domain ``opset`` (None or its own: unchanged).
+
+    onnx's version converter rewrites the ops whose signature changed (for example the
+    ReduceMean axes attribute that became an input at opset 18).
+    """
+    current = default_opset(model)
+    if opset is None or opset == current:
+        return model
+    if opset < current:
+        raise MxqnError(f"the model already uses opset {current}; --opset can only raise it (got {opset})")
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        first = first_line(exc)
+        raise MxqnError(f"could not convert the model from opset {current} to {opset} ({first})") from None
+
+
+def is_mxqn_model(model: onnx.ModelProto) -> bool:
+    """True when the model was written by mxqn-onnx."""
+    return any(p.key == METADATA_KEY for p in model.metadata_props)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def check_quantizable(model: onnx.ModelProto, label: str) -> None:
+    """Refuse what we cannot convert, with one line saying why."""
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise MxqnError(f"{label}: the ONNX graph is empty; export the model again")
+    if is_mxqn_model(model):
+        raise MxqnError(f"{label}: already quantized by mxqn-onnx; convert the FP32 model instead")
+    # the metadata may have been stripped by another tool; the graph still tells
+    if any(n.domain == MXQN_DOMAIN for n in model.graph.node):
+        raise MxqnError(f"{label}: already quantized by mxqn-onnx (it has {MXQN_DOMAIN} quantizer nodes); "
+                        "convert the FP32 model instead")
+    q_op = next((n.op_type for n in model.graph.node
+                 if n.op_type in QUANTIZED_OPS and n.domain in ("", "ai.onnx")), None)
+    if q_op:
+        raise MxqnError(f"{label}: already quantized (it has {q_op} nodes); convert the FP32 model instead")
+    for vi in model.graph.input:
+        et = vi.type.tensor_type.elem_type
+        if et == onnx.TensorProto.FLOAT16 or et == onnx.TensorProto.BFLOAT16:
+            raise MxqnError(
+                f"{label}: input '{vi.name}' is {onnx.TensorProto.DataType.Name(et).lower()}; "
+                "mxqn-onnx needs an FP32 model (export it in float32)"
+            )
+    if default_opset(model) == 0:
+        raise MxqnError(f"{label}: the model imports no default-domain opset; it is not a valid ONNX model")
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise MxqnError(
+            f"{label}: weight '{external[0]}' is stored in an external data file that was not loaded; "
+            "pass the model's path, or load it with onnx.load(path, load_external_data=True)"
+        )
+
+
+def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, UPGRADE_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        raise MxqnError(
+            f"the model uses opset {default_opset(model)}, which could not be "
+            f"upgraded to {UPGRADE_OPSET} ({first_line(exc)}); re-export it at opset {MIN_OPSET} or newer"
+        ) from None
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Old IR lists initializers as graph inputs; treat them as the constants they are."""
+    inits = {t.name for t in model.graph.initializer}
+    keep = [vi for vi in model.graph.input if vi.name not in inits]
+    if len(keep) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+
+
+@contextmanager
+def _quiet_graphsurgeon() -> Iterator[None]:
+    logger = gs.logger.G_LOGGER
+    before = logger.severity
+    logger.severity = logger.ERROR
+    try:
+        yield
+    finally:
+        logger.severity = before
+
+
+def normalise(model: onnx.ModelProto) -> gs.Graph:
+    """A graphsurgeon graph with folded constants and BatchNorm, ready to find layers in."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
+    if default_opset(model) < MIN_OPSET:
+        model = _upgrade_opset(model)
+    _drop_initializer_inputs(model)
+    graph = gs.import_onnx(model)
+    with _quiet_graphsurgeon():
+        # its warnings (large folded weights, missing 'colored') are noise to our users
+        graph.fold_constants(fold_shapes=False, error_ok=True)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    fold_batchnorm(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    name_nodes(graph)
+    return graph
+
+
+def export_fp32(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
+    """The normalised graph as an FP32 ONNX model (what calibration and the probes run)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = max(source.ir_version, 7)
+    return model
+
+
+def name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique, deterministic name (exporters often leave them empty)."""
+    seen = set()
+    for i, node in enumerate(graph.nodes):
+        name = node.name or f"{node.op}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def _const(t) -> np.ndarray | None:
+    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
+
+
+def fold_batchnorm(graph: gs.Graph) -> int:
+    """Fold inference-mode BatchNormalization into the Conv/ConvTranspose/Gemm feeding it.
+
+    Returns the number of BatchNorm nodes folded.
+    """
+    folded = 0
+    out_names = {t.name for t in graph.outputs}
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        if len(bn.outputs) != 1 or not bn.inputs[0].inputs:
+            continue
+        prev = bn.inputs[0].inputs[0]
+        if prev.op not in ("Conv", "ConvTranspose", "Gemm") or len(prev.outputs[0].outputs) != 1:
+            continue
+        if prev.outputs[0].name in out_names or bn.attrs.get("training_mode", 0):
+            continue
+        params = [_const(t) for t in bn.inputs[1:5]]
+        w = _const(prev.inputs[1]) if len(prev.inputs) > 1 else None
+        if any(p is None for p in params) or w is None or w.dtype != np.float32:
+            continue
+        bias_t = prev.inputs[2] if len(prev.inputs) > 2 else None
+        bias = _const(bias_t) if bias_t is not None else None
+        if bias_t is not None and bias is None:
+            continue
+        scale, shift, mean, var = (p.astype(np.float64) for p in params)
+        s = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        w64 = w.astype(np.float64)
+        if prev.op == "Conv":
+            w_new = w64 * s.reshape((-1,) + (1,) * (w.ndim - 1))
+        elif prev.op == "ConvTranspose":
+            g = int(prev.attrs.get("group", 1))
+            cin, cout_g = w.shape[0], w.shape[1]
+            w_new = (w64.reshape((g, cin // g, cout_g) + w.shape[2:])
+                     * s.reshape((g, 1, cout_g) + (1,) * (w.ndim - 2))).reshape(w.shape)
+        else:  # Gemm: y = alpha A B + beta C
+            if prev.attrs.get("transA", 0) or len(s) != (w.shape[0] if prev.attrs.get("transB", 0) else w.shape[1]):
+                continue
+            if bias is not None and bias.ndim != 1:
+                continue
+            alpha = float(prev.attrs.get("alpha", 1.0))
+            beta = float(prev.attrs.get("beta", 1.0))
+            w_new = w64 * (s[:, None] if prev.attrs.get("transB", 0) else s[None, :]) * alpha
+            prev.attrs["alpha"] = 1.0
+            bias = None if bias is None else bias.astype(np.float64) * beta
+            prev.attrs["beta"] = 1.0
+        b_old = np.zeros_like(s) if bias is None else bias.astype(np.float64)
+        b_new = (b_old - mean) * s + shift
+        base = prev.name or bn.name or f"bn{folded}"
+        prev.inputs[1] = gs.Constant(f"{base}.weight_bnfold", w_new.astype(np.float32))
+        b_const = gs.Constant(f"{base}.bias_bnfold", b_new.astype(np.float32))
+        if len(prev.inputs) > 2:
+            prev.inputs[2] = b_const
+        else:
+            prev.inputs.append(b_const)
+        prev.outputs = bn.outputs
+        bn.outputs.clear()
+        folded += 1
+    return folded

@@ -1,0 +1,201 @@
+"""Standard QuantizeLinear/DequantizeLinear emitters for the ``qdq`` output format.
+
+Every fixed-point tensor becomes ``DequantizeLinear(codes, scale=2^-f, zero_point=0)``:
+weights as integer initializers (per output channel through ``axis`` when the fractional
+lengths are per channel), biases as int32 at ``f_w + f_a`` (the scale onnxruntime assumes when
+it fuses a QDQ Conv/Gemm into an integer kernel), activations as a ``QuantizeLinear ->
+DequantizeLinear`` pair. Since ``x / 2^-f`` is exact and both ops round half to even and
+saturate, the pair is bit-exact with ``FixedQuant`` whenever the container's range equals the
+quantizer's (8, 16 bits; 4 bits at opset >= 21); other widths add a ``Clip`` to the range first.
+
+onnxruntime fuses ``DQ -> Conv -> Q`` only when the Conv's output feeds a QuantizeLinear
+directly. :func:`add_producer_quantizers` therefore repeats an activation quantizer at the
+output of the quantized layer that produces it, when only quantization-transparent ops
+(Relu, MaxPool, reshapes) sit between them; the result is unchanged because a monotone
+quantizer commutes with those ops (see docs/FORMAT.md).
+
+**Integer encoding of 8-bit codes** (``QuantConfig.qdq_encoding``). On x86 CPUs without VNNI,
+onnxruntime's fused U8S8 kernels multiply with ``VPMADDUBSW``, which adds two adjacent
+``uint8 x int8`` products into an int16 and saturates: ``2 * 255 * 128`` does not fit. The
+default ``safe`` encoding therefore stores a layer's 8-bit weights as int8 (zero point 0) only
+when no such pair can leave int16 (:func:`pair_fits_int16`), and otherwise as uint8 with zero
+point 128, so the fused kernel is U8U8 (products widened to int16 operands, exact on every
+CPU). Signed 8-bit activations are stored as uint8 with zero point 128 (int8 activations
+would force int8 weights). The codes, and so the grid, are unchanged: ``q + 128`` with zero
+point 128 dequantizes to the same value. ``int8`` keeps every 8-bit tensor signed with zero
+point 0: what TensorRT's explicit quantization accepts, exact in onnxruntime on CPUs with VNNI
+or Arm dot-product instructions.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Set, Tuple
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..quant import quantizers as Q
+from ..quant.choose import ActDecision
+from .containers import Container, container_for
+
+#: Ops through which a fixed-point quantizer can be moved unchanged: Q(op(x)) == op(Q(x))
+#: for a monotone Q with Q(0) = 0 and an op that only selects, reorders or clamps at 0.
+TRANSPARENT_OPS = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+                   "Identity"}
+
+#: ``VPMADDUBSW`` adds two ``uint8 x int8`` products into a saturating int16.
+INT16_MAX = 2 ** 15 - 1
+
+#: Zero point that moves signed 8-bit codes into uint8.
+UINT8_OFFSET = 128
+
+
+def act_code_max(dec: ActDecision) -> int:
+    """Largest raw uint8 code the activation can take in the ``safe`` encoding."""
+    _, hi = Q.fxp_range(dec.bits, dec.signed)
+    return hi + (UINT8_OFFSET if dec.signed else 0)  # signed codes are stored shifted by 128
+
+
+def pair_fits_int16(weight_codes: np.ndarray, act_max: int) -> bool:
+    """Whether any two products ``a * w`` (``0 <= a <= act_max``) summed stay within int16.
+
+    The bound is taken over the two largest weight magnitudes, whatever pair the kernel's
+    packing puts side by side.
+    """
+    w = np.abs(np.asarray(weight_codes, dtype=np.int64)).ravel()
+    if w.size == 0:
+        return True
+    top = np.sort(w)[-2:] if w.size > 1 else np.concatenate([w, [0]])
+    return int(act_max) * int(top.sum()) <= INT16_MAX
+
+
+def weight_storage(container: Container, codes: np.ndarray, act: Optional[ActDecision],
+                   encoding: str) -> Tuple[Container, int]:
+    """The container and zero point of a layer's weight codes in the QDQ output.
+
+    ``act`` is the layer's input quantizer when it is QDQ (the layer may fuse), else None.
+    """
+    if (encoding == "safe" and act is not None and container.name == "int8"
+            and act.bits <= 8 and not pair_fits_int16(codes, act_code_max(act))):
+        return container_for(8, False, 13), UINT8_OFFSET
+    return container, 0
+
+
+def act_storage(dec: ActDecision, opset: int, encoding: str) -> Tuple[Container, int]:
+    """The container and zero point of an activation's QuantizeLinear in the QDQ output."""
+    c = container_for(dec.bits, dec.signed, opset)
+    if encoding == "safe" and c.name == "int8":
+        return container_for(8, False, opset), UINT8_OFFSET
+    return c, 0
+
+
+def _scale_constant(name: str, frac) -> gs.Constant:
+    return gs.Constant(name, Q.pow2(-np.asarray(frac, dtype=np.float64)).astype(np.float32))
+
+
+def dequantize_constant(graph: gs.Graph, name: str, codes: np.ndarray, frac, axis: Optional[int],
+                        container: Container, retype: Dict[str, Container],
+                        zero_point: int = 0) -> gs.Variable:
+    """``DequantizeLinear(codes + zp, 2^-frac, zp, axis)`` for a constant; returns its float output.
+
+    ``frac`` is a scalar or a 1-D array along ``axis``.
+    """
+    frac = np.asarray(frac, dtype=np.int64)
+    stored = np.asarray(codes, dtype=np.int64) + zero_point
+    q = gs.Constant(f"{name}_q", np.ascontiguousarray(stored.astype(container.placeholder)))
+    scale = _scale_constant(f"{name}_scale", frac)
+    inputs = [q, scale]
+    if container.name != "int32":  # int32 zero point must be 0 and may be omitted
+        zp = gs.Constant(f"{name}_zero_point", np.full(frac.shape, zero_point, dtype=container.placeholder))
+        inputs.append(zp)
+        retype[zp.name] = container
+    retype[q.name] = container
+    out = gs.Variable(f"{name}_dq", dtype=np.float32, shape=codes.shape)
+    attrs = {"axis": int(axis)} if frac.ndim == 1 and axis is not None else {}
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{name}_dequantize", attrs, inputs, [out]))
+    return out
+
+
+def quantize_activation(graph: gs.Graph, tensor: gs.Variable, dec: ActDecision, opset: int,
+                        retype: Dict[str, Container], suffix: str = "qdq",
+                        encoding: str = "safe") -> gs.Variable:
+    """``[Clip ->] QuantizeLinear -> DequantizeLinear`` for a fixed-point activation."""
+    assert dec.kind == "fixed"
+    c, offset = act_storage(dec, opset, encoding)
+    base = f"{tensor.name}_{suffix}"
+    x = tensor
+    if needs_clip(dec, opset):
+        lo, hi = Q.fxp_range(dec.bits, dec.signed)
+        # the container saturates wider than the quantizer: clip to the quantizer's range
+        # first (exact: the bounds are multiples of the step 2^-f)
+        step = float(Q.pow2(-dec.frac))
+        clipped = gs.Variable(f"{base}_clipped", dtype=np.float32, shape=tensor.shape)
+        graph.nodes.append(gs.Node("Clip", f"{base}_clip", {}, [
+            x, gs.Constant(f"{base}_min", np.array(lo * step, dtype=np.float32)),
+            gs.Constant(f"{base}_max", np.array(hi * step, dtype=np.float32))], [clipped]))
+        x = clipped
+    scale = _scale_constant(f"{base}_scale", dec.frac)
+    zp = gs.Constant(f"{base}_zero_point", np.array(offset, dtype=c.placeholder))
+    retype[zp.name] = c
+    q = gs.Variable(f"{base}_q")  # no value_info: 4-bit types have no numpy placeholder
+    out = gs.Variable(f"{base}_dq", dtype=np.float32, shape=tensor.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_quantize", {}, [x, scale, zp], [q]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_dequantize", {}, [q, scale, zp], [out]))
+    return out
+
+
+def needs_clip(dec: ActDecision, opset: int) -> bool:
+    """Whether the quantizer's range is narrower than its container's (the offset keeps the range)."""
+    c = container_for(dec.bits, dec.signed, opset)
+    return Q.fxp_range(dec.bits, dec.signed) != Q.fxp_range(c.width, c.signed)
+
+
+def add_producer_quantizers(graph: gs.Graph, qdq_acts: Dict[str, ActDecision], fusable: Set[str],
+                            opset: int, retype: Dict[str, Container], encoding: str = "safe") -> List[str]:
+    """Repeat each QDQ activation quantizer at the output of the layer producing it.
+
+    ``qdq_acts`` maps the original activation tensor names to their fixed-point decisions;
+    ``fusable`` names the quantized layer nodes whose inputs are all QDQ. The quantizer is
+    moved back only through :data:`TRANSPARENT_OPS` whose outputs have no other reader, so
+    no float consumer ever sees a quantized value it did not see before. When a Relu follows
+    the layer the pair goes after the Relu (onnxruntime drops a Relu before an unsigned
+    QuantizeLinear with zero point 0). Returns the names of the layers given an output pair.
+    """
+    tensors = graph.tensors()
+    outputs = {t.name for t in graph.outputs}
+    done = []
+    for name, dec in sorted(qdq_acts.items()):
+        if needs_clip(dec, opset):  # a Clip between layer and Q blocks the fusion anyway
+            continue
+        t = tensors.get(name)
+        if t is None or name in outputs or len(t.outputs) != 1 or not t.inputs:
+            continue
+        chain = []
+        cur = t
+        producer = None
+        while cur.inputs:
+            node = cur.inputs[0]
+            if node.name in fusable:
+                producer = node
+                break
+            if node.op not in TRANSPARENT_OPS or not node.inputs or not isinstance(node.inputs[0], gs.Variable):
+                break
+            prev = node.inputs[0]
+            if prev.name in outputs or len(prev.outputs) != 1:
+                break
+            chain.append(node)
+            cur = prev
+        if producer is None or not chain:
+            continue  # nothing to move, or the quantizer already follows the layer
+        y = producer.outputs[0]
+        first = chain[-1]  # the op right after the producer
+        if first.op == "Relu" and not dec.signed and len(first.outputs[0].outputs) == 1:
+            y = first.outputs[0]
+        readers = list(y.outputs)
+        dq = quantize_activation(graph, y, dec, opset, retype, suffix="out_qdq", encoding=encoding)
+        for node in readers:
+            for i, inp in enumerate(node.inputs):
+                if inp is y:
+                    node.inputs[i] = dq
+        done.append(producer.name)
+    return done

@@ -1,0 +1,378 @@
+"""Choose each layer's quantizers by SQNR: weights fixed point (per tensor or per channel),
+activations fixed point or log, bias int32."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..calibration.observers import TensorHistogram
+from ..config import QuantConfig
+from ..graph.layers import Layer
+from ..lowbit import correction, rounding, unfold
+from . import objective, quantizers as Q
+
+BIAS_BITS = 32
+
+
+@dataclass
+class WeightDecision:
+    bits: int
+    granularity: str  # "tensor" | "channel"
+    frac: Union[int, List[int]]
+    axis: Optional[int]
+    sqnr_db: float
+    sqnr_tensor_db: float
+    sqnr_channel_db: Optional[float]
+    #: "nearest" or "gptq" (data-aware, :mod:`mxqn_onnx.lowbit.rounding`)
+    rounding: str = "nearest"
+    #: the layer's output SQNR from weight quantization alone, on calibration inputs:
+    #: with round-to-nearest and with the rounding used (None: not measured)
+    output_sqnr_nearest_db: Optional[float] = None
+    output_sqnr_db: Optional[float] = None
+
+    def frac_array(self, shape) -> np.ndarray:
+        """Fractional lengths broadcastable against a weight of ``shape``."""
+        if self.granularity == "tensor":
+            return np.array(self.frac, dtype=np.int64)
+        view = [1] * len(shape)
+        view[self.axis] = shape[self.axis]
+        return np.asarray(self.frac, dtype=np.int64).reshape(view)
+
+
+def describe_activation(act: dict) -> str:
+    """Short form of an activation quantizer (a decision's fields): ``fxp8u f=6``, ``log4s k=2 E=7``."""
+    sign = "s" if act["signed"] else "u"
+    if act["kind"] == "fixed":
+        return f"fxp{act['bits']}{sign} f={act['frac']}"
+    return f"log{act['bits']}{sign} k={act['k']} E={act['E']}"
+
+
+@dataclass
+class ActDecision:
+    tensor: str
+    kind: str  # "fixed" | "log"
+    bits: int
+    signed: bool
+    sqnr_db: float
+    sqnr_fixed_db: Optional[float]
+    sqnr_log_db: Optional[float]
+    frac: Optional[int] = None
+    k: Optional[int] = None
+    E: Optional[int] = None
+    min: float = 0.0
+    max: float = 0.0
+    #: mean of Q(x) - x on the calibration data (used by bias correction)
+    mean_error: float = 0.0
+    #: what the quantizer was chosen for: "tensor" (its own SQNR) or "output" (the SQNR at
+    #: the outputs of the layers reading it, :mod:`mxqn_onnx.quant.objective`)
+    objective: str = "tensor"
+    #: under "output": the consumers' output SQNR of this choice and of the tensor-SQNR choice
+    output_sqnr_db: Optional[float] = None
+    output_sqnr_tensor_db: Optional[float] = None
+
+    def describe(self) -> str:
+        return describe_activation(vars(self))
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        if self.kind == "fixed":
+            return Q.fxp_quantize(x, self.bits, self.frac, self.signed)
+        return Q.log_quantize(x, self.bits, self.k, self.E, self.signed)
+
+
+@dataclass
+class LayerDecision:
+    name: str
+    op: str
+    params: int
+    weight: WeightDecision
+    act: ActDecision
+    bias_frac: Optional[Union[int, List[int]]] = None
+    bias_sqnr_db: Optional[float] = None
+    bias_correction: bool = False
+    #: the whole layer's output SQNR on calibration inputs (quantized weights, input and
+    #: bias against FP32), without and with bias correction (None: not measured)
+    output_sqnr_uncorrected_db: Optional[float] = None
+    output_sqnr_db: Optional[float] = None
+    notes: List[str] = field(default_factory=list)
+    #: the bias to store when it differs from the model's (bias correction); not serialised
+    bias_values: Optional[np.ndarray] = field(default=None, repr=False)
+    #: the quantized weight values when not round-to-nearest's (data-aware rounding)
+    weight_values: Optional[np.ndarray] = field(default=None, repr=False)
+    #: seconds spent in data-aware rounding (timing, not serialised: outputs stay reproducible)
+    rounding_seconds: float = field(default=0.0, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["act"] = self.act.tensor
+        del d["bias_values"], d["weight_values"], d["rounding_seconds"]
+        return d
+
+
+def _channels_first(w: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def choose_weight(w: np.ndarray, bits: int, granularity: str, axis: Optional[int],
+                  channel_gain_db: float, clip: bool = False) -> WeightDecision:
+    """Fixed point for a weight tensor, per tensor or per output channel by SQNR.
+
+    Without ``clip`` the fractional length never clips a weight: the search stops at the
+    no-overflow length. Clipping the largest weights maximises the weight tensor's own SQNR
+    but, measured on the zoo at 4 bits, costs up to 10 dB of output SQNR (the clipped
+    weights are the ones that matter most, and the error they get is systematic).
+    """
+    above = Q.FXP_SEARCH_ABOVE if clip else 0
+    tensor = Q.best_fxp_tensor(w, bits, signed=True, above=above)
+    if axis is None or granularity == "tensor" or w.ndim == 0:
+        return WeightDecision(bits, "tensor", tensor.frac, None, tensor.sqnr_db, tensor.sqnr_db, None)
+    fracs, ch_sqnr = Q.best_fxp_channels(_channels_first(w, axis), bits, signed=True, above=above)
+    if granularity == "channel" or ch_sqnr > tensor.sqnr_db + channel_gain_db:
+        return WeightDecision(bits, "channel", [int(f) for f in fracs], axis, ch_sqnr, tensor.sqnr_db, ch_sqnr)
+    return WeightDecision(bits, "tensor", tensor.frac, None, tensor.sqnr_db, tensor.sqnr_db, ch_sqnr)
+
+
+def choose_activation(hist: TensorHistogram, bits: int, mode: str, log_margin_db: float) -> ActDecision:
+    """Fixed point or log for an activation tensor, by SQNR on its histogram."""
+    bins = hist.bins()
+    signed = hist.signed
+    common = dict(tensor=hist.name, bits=bits, signed=signed, min=float(hist.min), max=float(hist.max))
+    if bins.max_abs == 0:
+        # all zeros: any quantizer is exact; fixed point with f=0 is the cheapest
+        return ActDecision(kind="fixed", frac=0, sqnr_db=float("inf"), sqnr_fixed_db=float("inf"),
+                           sqnr_log_db=None, **common)
+    fx = Q.best_fxp_binned(bins, bits, signed) if mode in ("auto", "fixed") else None
+    lg = Q.best_log_binned(bins, bits, signed) if mode in ("auto", "log") else None
+    use_log = lg is not None and (fx is None or lg.sqnr_db > fx.sqnr_db + log_margin_db)
+    fx_db = fx.sqnr_db if fx else None
+    lg_db = lg.sqnr_db if lg else None
+    if use_log:
+        dec = ActDecision(kind="log", k=lg.k, E=lg.E, sqnr_db=lg.sqnr_db, sqnr_fixed_db=fx_db,
+                          sqnr_log_db=lg_db, **common)
+    else:
+        dec = ActDecision(kind="fixed", frac=fx.frac, sqnr_db=fx.sqnr_db, sqnr_fixed_db=fx_db,
+                          sqnr_log_db=lg_db, **common)
+    dec.mean_error = Q.mean_error_binned(bins, dec.quantize)
+    return dec
+
+
+def choose_bias(b: np.ndarray, wdec: WeightDecision, act: ActDecision):
+    """int32 fractional length(s) for a bias: ``f_w + f_a`` when the input is fixed point.
+
+    An integer pipeline then adds the bias to the accumulator without rescaling. Where that
+    would overflow int32 (or the input is log quantized) the largest fractional length that
+    fits is used instead. Returns ``(frac, sqnr_db, note)``.
+    """
+    b64 = np.abs(b.astype(np.float64))
+    safe = np.array([Q.no_overflow_frac(float(m), BIAS_BITS, True) if m > 0 else BIAS_BITS - 1
+                     for m in b64], dtype=np.int64)
+    note = None
+    if act.kind == "fixed":
+        f_w = np.broadcast_to(np.asarray(wdec.frac, dtype=np.int64), b.shape)
+        target = f_w + act.frac
+        f = np.minimum(target, safe)
+        if np.any(f != target):
+            note = "bias f_w + f_a would overflow int32 in some channels; used the largest fitting f"
+    else:
+        f = safe
+        note = "input is log quantized: bias fractional length set by its int32 range"
+    sqnr = Q.sqnr_of(b, Q.fxp_quantize(b, BIAS_BITS, f, True))
+    uniform = bool(np.all(f == f.flat[0])) and wdec.granularity == "tensor"
+    frac_out: Union[int, List[int]] = int(f.flat[0]) if uniform else [int(v) for v in f]
+    return frac_out, sqnr, note
+
+
+def _with_bias(sig: float, err: np.ndarray, delta: Optional[np.ndarray]) -> float:
+    """SQNR once the quantized output's bias differs from the FP32 one by ``delta`` (None:
+    neither has a bias): ``sum (e + d)^2 = sum e^2 + 2 d . sum_rows e + R |d|^2``."""
+    noise = float(np.sum(np.square(err, dtype=np.float64)))
+    if delta is not None:
+        noise += 2 * float(err.sum(axis=0, dtype=np.float64) @ delta) + len(err) * float(delta @ delta)
+    return Q.sqnr_db(sig, max(noise, 0.0))
+
+
+def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig,
+                 mean_in: Optional[np.ndarray] = None, sample: Optional[np.ndarray] = None,
+                 model_cost: float = float("inf")) -> LayerDecision:
+    """All decisions for one layer whose input quantizer is ``act``.
+
+    With ``config.bias_correction`` and the input's per-channel means, the bias is corrected
+    for the mean output shift of weight and input quantization (see :mod:`mxqn_onnx.lowbit.correction`)
+    before its fractional length is chosen; the corrected values travel in
+    ``LayerDecision.bias_values``. With ``sample`` (real inputs of the layer) and
+    ``config.rounding`` the weights are rounded for the layer's output error
+    (:mod:`mxqn_onnx.lowbit.rounding`), and the layer's output SQNR is measured on those inputs;
+    ``model_cost`` is the whole model's estimated rounding cost (see ``rounds_with_data``).
+    """
+    w = layer.weight
+    wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db,
+                         config.weight_clip)
+    dec = LayerDecision(layer.name, layer.op, int(w.size), wdec, act)
+    wq = Q.fxp_quantize(w, wbits, wdec.frac_array(w.shape), True)
+    w_rows = unfold.weight_rows(layer) if sample is not None else None
+    x_rows = None
+    gptq = False
+    if w_rows is not None:
+        d = w_rows[0].shape[1]
+        cap = rounding.AUTO_MAX_FAN_IN if config.rounding == "auto" else rounding.MAX_FAN_IN
+        wanted = config.rounds_with_data(wbits, model_cost)
+        gptq = wanted and d <= cap
+        if wanted and not gptq:
+            why = "--rounding gptq includes it" if d <= rounding.MAX_FAN_IN else \
+                f"its {d}x{d} input moment would take {8 * d * d / 2**20:.0f} MB"
+            dec.notes.append(f"fan-in {d} > {cap}: weights rounded to nearest ({why})")
+        x_rows = unfold.input_rows(layer, sample, rounding.rows_for(d) if gptq else MEASURE_ROWS)
+    if x_rows is not None and gptq:
+        fr = unfold.frac_rows(layer, wdec.frac_array(w.shape), w.shape)
+        t0 = time.perf_counter()
+        res = rounding.round_layer(w_rows, x_rows, wbits, fr) if fr is not None else None
+        dec.rounding_seconds = time.perf_counter() - t0
+        if res is not None:
+            wdec.output_sqnr_nearest_db, wdec.output_sqnr_db = res.sqnr_nearest_db, res.sqnr_db
+            if res.used:
+                wq = unfold.rows_to_weight(layer, res.rows, w.shape)
+                wdec.rounding = "gptq"
+                wdec.sqnr_db = Q.sqnr_of(w, wq)
+                dec.weight_values = wq
+    b = layer.bias
+    can_add_bias = layer.bias_index is None and len(layer.node.inputs) == 2 and layer.op in ("Conv", "Gemm")
+    if config.bias_correction and mean_in is not None and (b is not None or can_add_bias):
+        if b is None:
+            out_axis = 0 if layer.op == "Conv" or int(layer.node.attrs.get("transB", 0)) else 1
+            b = np.zeros(w.shape[out_axis], dtype=np.float32)
+        shift = correction.output_shift(layer, w, wq, mean_in, _input_mean_error(layer, act, sample, mean_in))
+        if shift is not None:
+            b = (b.astype(np.float64) - shift).astype(np.float32)
+            dec.bias_values = b
+            dec.bias_correction = True
+        elif layer.bias is None:
+            b = None
+    if b is not None:
+        dec.bias_frac, dec.bias_sqnr_db, note = choose_bias(b, wdec, act)
+        if note:
+            dec.notes.append(note)
+    if x_rows is not None:
+        _measure_layer(dec, layer, w_rows, wq, x_rows, b)
+    return dec
+
+
+def _input_mean_error(layer: Layer, act: ActDecision, sample: Optional[np.ndarray], mean_in: np.ndarray):
+    """Mean of ``Q(x) - x`` per input channel, from the kept samples when there are any.
+
+    A coarse quantizer zeroes a small-valued channel (error ``-E[x_c]``) while barely moving a
+    large one: one tensor-wide mean error (the histogram's, used without samples) spreads that
+    over every channel.
+    """
+    axis = correction.input_channel_axis(layer)
+    if sample is None or axis is None or sample.ndim <= axis or sample.shape[axis] != len(mean_in):
+        return act.mean_error
+    err = act.quantize(sample) - sample
+    other = tuple(i for i in range(err.ndim) if i != axis)
+    return err.mean(axis=other, dtype=np.float64)
+
+
+#: input rows for the per-layer output measurements of the report
+MEASURE_ROWS = 512
+def _measure_layer(dec: LayerDecision, layer: Layer, w_rows, wq: np.ndarray, x_rows, b) -> None:
+    """The layer's output SQNR on its sampled inputs, without and with bias correction."""
+    if float(layer.node.attrs.get("alpha", 1.0)) != 1.0:
+        return
+    n = min(len(x_rows[0]), MEASURE_ROWS)
+    xs = [x[:n] for x in x_rows]
+    xq = [dec.act.quantize(x.astype(np.float32)) for x in xs]
+
+    def stored(bias):  # the bias as the quantized model holds it (int32 at bias_frac)
+        f = np.broadcast_to(np.asarray(dec.bias_frac, dtype=np.int64), bias.shape)
+        return Q.fxp_quantize(bias, BIAS_BITS, f, True).astype(np.float64)
+
+    b0 = None if layer.bias is None else layer.bias.astype(np.float64)
+    sig, err = unfold.output_error(w_rows, xs, xq, unfold.weight_rows(layer, wq), b0)
+
+    def sqnr(bias) -> float:  # with ``bias`` stored in the quantized model (None: no bias)
+        if bias is None and b0 is None:
+            return _with_bias(sig, err, None)
+        return _with_bias(sig, err, (0.0 if bias is None else stored(bias)) - (0.0 if b0 is None else b0))
+
+    dec.output_sqnr_db = sqnr(b)
+    dec.output_sqnr_uncorrected_db = sqnr(b0) if dec.bias_correction else dec.output_sqnr_db
+
+
+def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: QuantConfig,
+               bits: Optional[Sequence[Tuple[int, int]]] = None,
+               samples: Optional[Dict[str, np.ndarray]] = None,
+               means: Optional[Dict[str, np.ndarray]] = None):
+    """Decisions for every layer; activation quantizers shared by tensor name.
+
+    ``bits`` gives each layer's ``(weight bits, activation bits)`` (mixed precision, see
+    :mod:`mxqn_onnx.mixed.search`); without it every layer gets ``wbits``/``abits``, and
+    ``keep_first``/``keep_last`` layers get ``keep_bits`` (the float case is handled by the
+    caller, which never passes them here). A tensor feeding several layers gets the highest
+    of their activation bit widths. ``samples`` (tensor name -> real calibration inputs)
+    enables the data-aware steps: the layer-output objective for activations
+    (``config.act_objective``), data-aware rounding and per-layer output measurements.
+    ``means`` replaces the measured input channel means of bias correction (BatchNorm
+    priors, :func:`mxqn_onnx.lowbit.correction.prior_input_means`; tensors missing: no correction).
+    """
+    samples = samples or {}
+    cost = model_rounding_cost(layers)
+    if bits is not None and len(bits) != len(layers):
+        raise ValueError(f"bits has {len(bits)} entries for {len(layers)} layers")
+    bits_for: Dict[int, tuple] = {}
+    for i, layer in enumerate(layers):
+        keep = (config.keep_first and i == 0) or (config.keep_last and i == len(layers) - 1)
+        if bits is not None:
+            bits_for[i] = (int(bits[i][0]), int(bits[i][1]))
+        else:
+            bits_for[i] = (config.keep_bits, config.keep_bits) if keep else (config.wbits, config.abits)
+    act_bits: Dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        t = layer.data.name
+        act_bits[t] = max(act_bits.get(t, 0), bits_for[i][1])
+    # Tensors and layers are scored independently and numpy releases the GIL in the large
+    # array operations, so a thread per core shortens this step (map keeps the order).
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        acts = dict(zip(act_bits, pool.map(
+            lambda tb: choose_activation(hists[tb[0]], tb[1], config.act_quant, config.log_margin_db),
+            act_bits.items())))
+        if config.act_objective == "output" and samples:
+            by_tensor: Dict[str, List[Layer]] = {}
+            for layer in layers:
+                by_tensor.setdefault(layer.data.name, []).append(layer)
+            refined = pool.map(lambda t: _refine(acts[t], hists[t], by_tensor[t], samples.get(t), config),
+                               list(acts))
+            acts = dict(zip(list(acts), refined))
+        decisions = list(pool.map(
+            lambda il: decide_layer(il[1], acts[il[1].data.name], bits_for[il[0]][0], config,
+                                    _mean_in(il[1].data.name, hists, means), samples.get(il[1].data.name),
+                                    cost),
+            enumerate(layers)))
+    return decisions, acts
+
+
+def model_rounding_cost(layers: List[Layer]) -> float:
+    """Estimated multiply-adds of rounding every layer of a model with data."""
+    return rounding.estimated_cost(s for s in map(unfold.rounding_shape, layers) if s is not None)
+
+
+def _mean_in(tensor: str, hists: Dict[str, TensorHistogram], means: Optional[Dict[str, np.ndarray]]):
+    return hists[tensor].channel_mean if means is None else means.get(tensor)
+
+
+def _refine(act: ActDecision, hist: TensorHistogram, readers: List[Layer], sample, config: QuantConfig):
+    """``act`` re-chosen for its readers' output SQNR (unchanged without usable samples)."""
+    if sample is None:
+        return act
+    consumers = []
+    for layer in readers:
+        w_rows = unfold.weight_rows(layer)
+        x_rows = None if w_rows is None else \
+            unfold.input_rows(layer, sample, objective.rows_for_scoring(w_rows[0].shape[1]))
+        if x_rows is None:
+            return act  # a reader the objective cannot model: keep the tensor choice
+        consumers.append((w_rows, x_rows))
+    return objective.refine_activation(act, hist, consumers, config.act_quant)

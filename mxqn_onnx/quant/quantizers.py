@@ -1,0 +1,434 @@
+"""The quantizer math of MXQN, in one place (pure numpy).
+
+Two quantizers:
+
+* Fixed point ``FXP(b, f, signed)``: ``Q(x) = clip(round_half_even(x * 2^f), lo, hi) * 2^-f``
+  with ``(lo, hi) = (-2^(b-1), 2^(b-1) - 1)`` signed and ``(0, 2^b - 1)`` unsigned.
+* Logarithmic ``LOG(b, k, E, signed)``: magnitude levels ``L_j = 2^((E - j) / 2^k)``,
+  ``j = 0 .. M-1`` with ``M = 2^(b - signed) - 1``; ``Q(x)`` is the level (or zero) nearest to
+  ``|x|`` in the linear domain, carrying the sign of ``x`` (unsigned: negatives become 0).
+
+The element-wise functions compute in float32 with exactly the operations of the ONNX
+function bodies in :mod:`mxqn_onnx.graph.functions`, so the two agree bit for bit. Powers of two
+with fractional exponents are evaluated in float64 and rounded once to float32, which is what
+onnxruntime's ``Pow`` returns.
+
+The scoring functions evaluate the SQNR of many candidate quantizers at once, either on exact
+data (weights) or on a binned distribution (activation histograms, see
+:mod:`mxqn_onnx.calibration.observers`), vectorised over candidates and channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+#: Default dB margin by which log must beat fixed point before it is chosen for activations.
+DEFAULT_LOG_MARGIN_DB = 0.0
+#: How far beyond the no-overflow fractional length the fixed-point search looks.
+FXP_SEARCH_BELOW = 2
+FXP_SEARCH_ABOVE = 8
+#: How many octaves below the data's maximum the log top level E is searched.
+LOG_SEARCH_OCTAVES_BELOW = 3
+#: Cap on log top-exponent candidates scored at once (wider ranges are searched coarse to fine).
+MAX_TOP_CANDIDATES = 64
+#: Largest log fractional-exponent bits k (levels 2^(1/64) apart; a 64-entry constant table).
+MAX_LOG_K = 6
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    """``10 log10(signal / noise)``; +inf for zero noise, -inf for zero signal."""
+    if noise_power <= 0:
+        return float("inf")
+    if signal_power <= 0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal_power / noise_power))
+
+
+def sqnr_of(x: np.ndarray, q: np.ndarray) -> float:
+    """SQNR in dB of a tensor ``x`` against its quantized version ``q``."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return sqnr_db(float(np.sum(x64 * x64)), float(np.sum((x64 - q) ** 2)))
+
+
+def combine_sqnr_db(terms_db) -> float:
+    """Additive noise model: ``1/SQNR_out = sum_i 1/SQNR_i`` (linear ratios), in dB."""
+    inv = sum(10.0 ** (-t / 10.0) for t in terms_db if np.isfinite(t))
+    if any(t == float("-inf") for t in terms_db):
+        return float("-inf")
+    return float("inf") if inv == 0 else float(-10.0 * np.log10(inv))
+
+
+def pow2(e) -> np.ndarray:
+    """``2**e`` evaluated in float64 and rounded once to float32 (as onnxruntime's Pow)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(np.power(2.0, np.asarray(e, dtype=np.float64)), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- fixed point
+
+
+def fxp_range(bits: int, signed: bool) -> Tuple[int, int]:
+    """Integer code range ``(lo, hi)`` of a ``bits``-bit fixed-point number."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+#: Largest |f| a search may start from: ``2^(f + FXP_SEARCH_ABOVE)`` must stay a finite
+#: float32 (denormal data would otherwise ask for 2^140, i.e. an infinite scale and NaN).
+MAX_ABS_FRAC = 126 - FXP_SEARCH_ABOVE
+
+
+def no_overflow_frac(max_abs: float, bits: int, signed: bool) -> int:
+    """``f0 = b - signed - ceil(log2(max|x|))``: the largest f at which nothing clips.
+
+    Clamped to ``[-MAX_ABS_FRAC, MAX_ABS_FRAC]`` so that every candidate scale is finite.
+    """
+    if not np.isfinite(max_abs) or max_abs <= 0:
+        return 0
+    f0 = int(bits - int(signed) - int(np.ceil(np.log2(max_abs))))
+    return max(-MAX_ABS_FRAC, min(MAX_ABS_FRAC, f0))
+
+
+def fxp_codes(x: np.ndarray, bits: int, frac, signed: bool) -> np.ndarray:
+    """Integer codes ``clip(round_half_even(x * 2^f), lo, hi)`` (int64).
+
+    ``frac`` may be an array broadcastable against ``x`` (per-channel fractional lengths).
+    """
+    lo, hi = fxp_range(bits, signed)
+    scale = pow2(frac)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = np.rint(np.asarray(x, dtype=np.float32) * scale)
+    return np.clip(r, lo, hi).astype(np.int64)
+
+
+def fxp_quantize(x: np.ndarray, bits: int, frac, signed: bool) -> np.ndarray:
+    """Fixed-point quantize-dequantize, float32, bit-exact with the ``FixedQuant`` op."""
+    lo, hi = fxp_range(bits, signed)
+    scale = pow2(frac)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = np.rint(np.asarray(x, dtype=np.float32) * scale)
+        return (np.clip(r, np.float32(lo), np.float32(hi)) / scale).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- logarithmic
+
+
+def log_num_levels(bits: int, signed: bool) -> int:
+    """Number of non-zero magnitude levels ``M = 2^(b - signed) - 1``."""
+    return 2 ** (bits - int(signed)) - 1
+
+
+def log_max_k(bits: int) -> int:
+    """Largest fractional exponent bits k searched for a bit width: about b - 2, at most 6.
+
+    Beyond k = 6 (a 64-entry level table) the levels are finer than fixed point at the same
+    width would be anyway, and onnxruntime's float ``Pow`` stops being correctly rounded.
+    """
+    return max(0, min(bits - 2, MAX_LOG_K))
+
+
+def log_levels(bits: int, k: int, E: int, signed: bool) -> np.ndarray:
+    """Magnitude levels ``L_j = 2^((E - j)/2^k)``, ``j = 0..M-1`` (descending, float32)."""
+    m = log_num_levels(bits, signed)
+    return pow2((E - np.arange(m, dtype=np.float64)) / 2.0**k)
+
+
+def log_quantize(x: np.ndarray, bits: int, k: int, E: int, signed: bool) -> np.ndarray:
+    """Log quantize-dequantize, float32, bit-exact with the ``LogQuant`` op.
+
+    The nearest level is found in the linear domain: ``n = floor(log2|x| * 2^k)`` brackets
+    ``|x|`` between ``2^(n/2^k)`` and ``2^((n+1)/2^k)``, and the midpoint of the two decides.
+    An ``n`` off by one (log rounding) still yields the same level, so the result depends only
+    on the exactly computed levels and midpoints.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    m = log_num_levels(bits, signed)
+    steps = float(2**k)
+    n_lo, n_hi = float(E - m + 1), float(E)
+    a = np.abs(x)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        n = np.floor(np.log2(a.astype(np.float64)) * steps)
+        n = np.maximum(n, n_lo - 1.0)  # log(0) = -inf; the zero test below decides
+        lower = pow2(n / steps)
+        upper = pow2((n + 1.0) / steps)
+        mid = (lower + upper) * np.float32(0.5)
+        n_sel = np.where(a >= mid, n + 1.0, n)
+        q = pow2(np.clip(n_sel, n_lo, n_hi) / steps)
+        l_min = pow2(n_lo / steps)
+        q = np.where(a < l_min * np.float32(0.5), np.float32(0.0), q)
+    sign = np.sign(x)
+    if not signed:
+        sign = np.maximum(sign, np.float32(0.0))
+    return (q * sign).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- choices
+
+
+@dataclass(frozen=True)
+class FixedChoice:
+    """A chosen fixed-point quantizer and its SQNR."""
+
+    bits: int
+    frac: int
+    signed: bool
+    sqnr_db: float
+
+
+@dataclass(frozen=True)
+class LogChoice:
+    """A chosen logarithmic quantizer and its SQNR."""
+
+    bits: int
+    k: int
+    E: int
+    signed: bool
+    sqnr_db: float
+
+
+# --------------------------------------------------------------------------- exact scoring (weights)
+
+
+def best_fxp_tensor(w: np.ndarray, bits: int, signed: bool = True,
+                    above: int = FXP_SEARCH_ABOVE) -> FixedChoice:
+    """SQNR-optimal tensor-wide fractional length for exact data ``w``.
+
+    ``above`` bounds how far past the no-overflow length the search goes (0: never clip).
+    """
+    # the whole tensor as one channel
+    fracs, db = best_fxp_channels(np.asarray(w, dtype=np.float32).reshape(1, -1), bits, signed, above)
+    return FixedChoice(bits, int(fracs[0]), signed, db)
+
+
+def best_fxp_channels(w2d: np.ndarray, bits: int, signed: bool = True, above: int = FXP_SEARCH_ABOVE):
+    """SQNR-optimal fractional length per row of ``w2d`` (rows = output channels).
+
+    Returns ``(fracs[int64, C], total_sqnr_db)``; candidates and channels are scored together.
+    """
+    w2d = np.asarray(w2d, dtype=np.float32)
+    max_abs = np.max(np.abs(w2d), axis=1) if w2d.shape[1] else np.zeros(w2d.shape[0])
+    f0 = np.array([no_overflow_frac(float(m), bits, signed) for m in max_abs], dtype=np.int64)
+    offsets = np.arange(-FXP_SEARCH_BELOW, above + 1)
+    cands = f0[:, None] + offsets[None, :]
+    errs = _fxp_errors_rows(w2d, bits, signed, cands)
+    best = np.argmin(errs, axis=1)  # first minimum: the smallest f, i.e. least clipping
+    fracs = cands[np.arange(len(cands)), best]
+    signal = float(np.sum(w2d.astype(np.float64) ** 2))
+    return fracs.astype(np.int64), sqnr_db(signal, float(np.sum(errs[np.arange(len(cands)), best])))
+
+
+def _fxp_errors_rows(rows: np.ndarray, bits: int, signed: bool, cands: np.ndarray) -> np.ndarray:
+    """Squared error sums ``[rows, candidates]`` of fixed point at per-row candidate fracs."""
+    lo, hi = fxp_range(bits, signed)
+    out = np.empty(cands.shape, dtype=np.float64)
+    x = np.ascontiguousarray(rows, dtype=np.float32)
+    # two scratch buffers reused for every candidate, all ops in place: the same values as
+    # the plain expression, without a fresh float64 copy of the weight per candidate (this
+    # loop dominated the analysis time of a 25M-parameter ResNet-50)
+    q = np.empty_like(x)
+    d = np.empty(x.shape, dtype=np.float64)
+    for j in range(cands.shape[1]):
+        scale = pow2(cands[:, j])[:, None]
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(x, scale, out=q)
+            np.rint(q, out=q)
+            np.clip(q, lo, hi, out=q)
+            np.divide(q, scale, out=q)
+            np.subtract(x, q, out=d, dtype=np.float64)
+            np.multiply(d, d, out=d)
+        out[:, j] = d.sum(axis=1)
+    return out
+
+
+# --------------------------------------------------------------------------- binned scoring (activations)
+
+
+@dataclass(frozen=True)
+class Bins:
+    """A binned distribution: each bin is the signed interval ``[lo, hi)`` holding ``count`` values.
+
+    Values inside a bin are modelled as uniform over it. Exact zeros are a bin with
+    ``lo == hi == 0``.
+    """
+
+    lo: np.ndarray
+    hi: np.ndarray
+    count: np.ndarray
+
+    @property
+    def max_abs(self) -> float:
+        if self.count.size == 0:
+            return 0.0
+        return float(max(np.max(np.abs(self.lo)), np.max(np.abs(self.hi))))
+
+    @property
+    def has_negative(self) -> bool:
+        return bool(np.any(self.lo < 0))
+
+    def signal_power(self) -> float:
+        """``sum x^2`` under the uniform-within-bin model."""
+        return float(np.sum(self.count * _mean_square(self.lo, self.hi)))
+
+
+def _mean_square(a, b):
+    """Mean of ``x^2`` for ``x`` uniform on ``[a, b]``."""
+    return (a * a + a * b + b * b) / 3.0
+
+
+def _interval_error(a, b, q):
+    """Mean of ``(x - q)^2`` for ``x`` uniform on ``[a, b]``."""
+    return _mean_square(a - q, b - q)
+
+
+def _piecewise_error(lo, hi, count, clip_lo, clip_hi, quant, local_step):
+    """Squared-error sum of a quantizer over bins, vectorised over ``[candidates, bins]``.
+
+    ``clip_lo``/``clip_hi`` ([candidates, 1]) bound the representable range; values beyond
+    are replaced by the bound. Inside the range, a bin within one quantization cell, or
+    across the threshold between two, has its error integrated exactly; a bin spanning more
+    cells contributes the uniform-noise ``step^2/12``, ``local_step`` being the spacing there.
+    """
+    width = hi - lo
+    safe_w = np.where(width > 0, width, 1.0)
+    total = np.zeros(np.broadcast(clip_lo, lo).shape, dtype=np.float64)
+    # the part of each bin below the range
+    b_hi = np.minimum(hi, clip_lo)
+    frac_below = np.where(width > 0, np.clip((b_hi - lo) / safe_w, 0, 1), (lo < clip_lo) * 1.0)
+    total += frac_below * _interval_error(lo, np.maximum(b_hi, lo), clip_lo)
+    # the part above the range
+    a_lo = np.maximum(lo, clip_hi)
+    frac_above = np.where(width > 0, np.clip((hi - a_lo) / safe_w, 0, 1), (lo > clip_hi) * 1.0)
+    total += frac_above * _interval_error(np.minimum(a_lo, hi), hi, clip_hi)
+    # the part inside
+    i_lo = np.clip(lo, clip_lo, clip_hi)
+    i_hi = np.clip(hi, clip_lo, clip_hi)
+    frac_in = np.clip(1.0 - frac_below - frac_above, 0, 1)
+    q_lo, q_hi = quant(i_lo), quant(i_hi)
+    one_level = _interval_error(i_lo, i_hi, q_lo)
+    # a bin across one decision threshold (the midpoint of two adjacent levels): split there
+    t = 0.5 * (q_lo + q_hi)
+    eps = 1e-9 * np.abs(t) + 1e-300
+    adjacent = (quant(t - eps) == q_lo) & (quant(t + eps) == q_hi)
+    in_w = np.where(i_hi > i_lo, i_hi - i_lo, 1.0)
+    p_low = np.clip((t - i_lo) / in_w, 0, 1)
+    t_c = np.clip(t, i_lo, i_hi)
+    two_levels = p_low * _interval_error(i_lo, t_c, q_lo) + (1 - p_low) * _interval_error(t_c, i_hi, q_hi)
+    many = local_step(0.5 * (i_lo + i_hi)) ** 2 / 12.0
+    err_in = np.where(q_lo == q_hi, one_level, np.where(adjacent, two_levels, many))
+    total += frac_in * err_in
+    return np.sum(total * count, axis=-1)
+
+
+def fxp_errors_binned(bins: Bins, bits: int, signed: bool, fracs: np.ndarray) -> np.ndarray:
+    """Squared-error sums of ``FXP(bits, f, signed)`` for each ``f`` in ``fracs``."""
+    lo_c, hi_c = fxp_range(bits, signed)
+    step = (2.0 ** -np.asarray(fracs, dtype=np.float64))[:, None]
+    return _piecewise_error(
+        bins.lo[None, :], bins.hi[None, :], bins.count[None, :],
+        lo_c * step, hi_c * step,
+        lambda v: np.rint(v / step) * step,
+        lambda v: np.broadcast_to(step, v.shape),
+    )
+
+
+def log_errors_binned(bins: Bins, bits: int, k: int, signed: bool, tops: np.ndarray) -> np.ndarray:
+    """Squared-error sums of ``LOG(bits, k, E, signed)`` for each ``E`` in ``tops``."""
+    m = log_num_levels(bits, signed)
+    steps = 2.0**k
+    E = np.asarray(tops, dtype=np.float64)[:, None]
+    top = 2.0 ** (E / steps)
+    bottom = 2.0 ** ((E - m + 1) / steps)
+    ratio = 2.0 ** (1.0 / steps)
+
+    def quant(v):
+        a = np.abs(v)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            n = np.floor(np.log2(np.maximum(a, 1e-300)) * steps)
+            lower, upper = 2.0 ** (n / steps), 2.0 ** ((n + 1) / steps)
+            n = np.where(a >= 0.5 * (lower + upper), n + 1, n)
+        level = 2.0 ** (np.clip(n, E - m + 1, E) / steps)
+        return np.sign(v) * np.where(a < 0.5 * bottom, 0.0, level)
+
+    def local_step(v):
+        a = np.maximum(np.abs(v), 0.5 * bottom)
+        return a * (ratio - 1.0) / np.sqrt(ratio)
+
+    clip_lo = -top if signed else np.zeros_like(top)
+    return _piecewise_error(
+        bins.lo[None, :], bins.hi[None, :], bins.count[None, :], clip_lo, top, quant, local_step
+    )
+
+
+def fxp_candidates(max_abs: float, bits: int, signed: bool) -> np.ndarray:
+    """Fractional lengths searched for data up to ``max_abs``: from two below the no-overflow
+    length (coarser, unused headroom) to eight above it (finer, clipping outliers)."""
+    f0 = no_overflow_frac(max_abs, bits, signed)
+    return np.arange(f0 - FXP_SEARCH_BELOW, f0 + FXP_SEARCH_ABOVE + 1)
+
+
+def log_tops(max_abs: float, k: int) -> np.ndarray:
+    """Tops ``E`` searched for the log quantizer with ``k``: from a few octaves below the
+    data's maximum to just above it."""
+    top = np.log2(max_abs) if max_abs > 0 else 0.0
+    steps = 2**k
+    return np.arange(int(np.floor((top - LOG_SEARCH_OCTAVES_BELOW) * steps)), int(np.ceil(top * steps)) + 2)
+
+
+def best_fxp_binned(bins: Bins, bits: int, signed: bool) -> FixedChoice:
+    """SQNR-optimal fixed point for a binned distribution."""
+    cands = fxp_candidates(bins.max_abs, bits, signed)
+    errs = fxp_errors_binned(bins, bits, signed, cands)
+    best = int(np.argmin(errs))
+    return FixedChoice(bits, int(cands[best]), signed, sqnr_db(bins.signal_power(), float(errs[best])))
+
+
+def best_log_binned(bins: Bins, bits: int, signed: bool, max_k: int | None = None) -> LogChoice:
+    """SQNR-optimal (k, E) of the log quantizer for a binned distribution.
+
+    k runs from 0 (powers of two) to ``max_k`` (default about ``bits - 2``); for each k, E is
+    searched from a few octaves below the data's maximum to just above it.
+    """
+    max_k = log_max_k(bits) if max_k is None else max_k
+    signal = bins.signal_power()
+    best = None
+    for k in range(max_k + 1):
+        tops = log_tops(bins.max_abs, k)
+        err, e = _search_tops(bins, bits, k, signed, int(tops[0]), int(tops[-1]))
+        if best is None or err < best[0]:
+            best = (err, k, e)
+    return LogChoice(bits, best[1], best[2], signed, sqnr_db(signal, best[0]))
+
+
+def _search_tops(bins: Bins, bits: int, k: int, signed: bool, e_lo: int, e_hi: int):
+    """Best ``(error, E)`` in ``[e_lo, e_hi]``: coarse grid first when the range is wide."""
+    stride = max(1, int(np.ceil((e_hi - e_lo + 1) / MAX_TOP_CANDIDATES)))
+    cands = np.arange(e_lo, e_hi + 1, stride)
+    errs = log_errors_binned(bins, bits, k, signed, cands)
+    centre = int(cands[int(np.argmin(errs))])
+    if stride > 1:
+        cands = np.arange(max(e_lo, centre - stride), min(e_hi, centre + stride) + 1)
+        errs = log_errors_binned(bins, bits, k, signed, cands)
+    i = int(np.argmin(errs))
+    return float(errs[i]), int(cands[i])
+
+
+def mean_error_binned(bins: Bins, quantize, points: int = 8) -> float:
+    """Mean of ``Q(x) - x`` over a binned distribution (``quantize``: element-wise Q).
+
+    Each bin is sampled at ``points`` evenly spaced values; bias correction uses this to
+    account for the shift an activation quantizer itself introduces (dead zones, clipping).
+    """
+    total = float(bins.count.sum())
+    if total == 0:
+        return 0.0
+    t = (np.arange(points) + 0.5) / points
+    x = bins.lo[:, None] + (bins.hi - bins.lo)[:, None] * t[None, :]
+    err = quantize(x.astype(np.float32)).astype(np.float64) - x
+    return float(np.sum(err.mean(axis=1) * bins.count) / total)

@@ -1,0 +1,139 @@
+"""The quantizer math: hand-computed values, properties, and the SQNR-based choices."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+
+from mxqn_onnx.calibration.observers import TensorHistogram
+from mxqn_onnx.quant import quantizers as Q
+from mxqn_onnx.quant.choose import choose_activation
+
+floats = arrays(np.float32, st.integers(1, 200),
+                elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32))
+bits_st = st.sampled_from([2, 3, 4, 5, 6, 7, 8, 16])
+
+
+def test_fixed_point_hand_computed():
+    x = np.float32([0.3, -1.7, 5.0])
+    # x*4 = 1.2, -6.8, 20 -> 1, -7, 20 -> clip to [-8, 7] -> /4
+    np.testing.assert_array_equal(Q.fxp_quantize(x, 4, 2, True), np.float32([0.25, -1.75, 1.75]))
+    # unsigned 3 bits, f=1: x*2 = -1, 1.48, 1.5 (half to even: 2), 10 -> clip [0, 7]
+    y = Q.fxp_quantize(np.float32([-0.5, 0.74, 0.75, 5.0]), 3, 1, False)
+    np.testing.assert_array_equal(y, np.float32([0.0, 0.5, 1.0, 3.5]))
+    # half to even at 2.5 -> 2 and 3.5 -> 4
+    np.testing.assert_array_equal(Q.fxp_quantize(np.float32([2.5, 3.5]), 8, 0, True), [2.0, 4.0])
+    # negative fractional length: step 4
+    np.testing.assert_array_equal(Q.fxp_quantize(np.float32([5.0, 7.0]), 8, -2, True), [4.0, 8.0])
+
+
+def test_no_overflow_frac():
+    assert Q.no_overflow_frac(1.0, 8, True) == 7  # 127/128 < 1: top code just below 1
+    assert Q.no_overflow_frac(3.0, 8, True) == 5  # ceil(log2 3) = 2
+    assert Q.no_overflow_frac(3.0, 8, False) == 6
+    assert Q.no_overflow_frac(0.01, 4, True) == 9
+
+
+def test_log_levels_and_hand_computed():
+    np.testing.assert_allclose(Q.log_levels(3, 1, 2, True), [2.0, 2 ** 0.5, 1.0], rtol=1e-7)
+    assert len(Q.log_levels(8, 2, 0, False)) == 255
+    assert len(Q.log_levels(8, 2, 0, True)) == 127
+    x = np.float32([1.7, 0.6, 0.4, -3.0, 1.2, 0.0])
+    # levels 2, 1.414, 1; 1.7 < midpoint 1.707 -> 1.414; 0.6 >= 0.5 -> 1; 0.4 -> 0; 1.2 < 1.207 -> 1
+    np.testing.assert_allclose(Q.log_quantize(x, 3, 1, 2, True),
+                               [2 ** 0.5, 1.0, 0.0, -2.0, 1.0, 0.0], rtol=1e-6)
+    # unsigned: negatives become zero
+    assert Q.log_quantize(np.float32([-3.0]), 3, 1, 2, False)[0] == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(floats, bits_st, st.integers(-6, 10), st.booleans())
+def test_fixed_point_idempotent_and_half_step(x, bits, frac, signed):
+    q = Q.fxp_quantize(x, bits, frac, signed)
+    np.testing.assert_array_equal(Q.fxp_quantize(q, bits, frac, signed), q)
+    lo, hi = Q.fxp_range(bits, signed)
+    step = 2.0 ** -frac
+    inside = (x >= lo * step) & (x <= hi * step)
+    assert np.all(np.abs(x[inside].astype(np.float64) - q[inside]) <= step / 2 + 1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(floats, st.sampled_from([2, 3, 4, 5, 6, 8]), st.integers(0, 6), st.integers(-20, 20), st.booleans())
+def test_log_idempotent_on_levels_and_half_step(x, bits, k, E, signed):
+    k = min(k, Q.log_max_k(bits))
+    q = Q.log_quantize(x, bits, k, E, signed)
+    np.testing.assert_array_equal(Q.log_quantize(q, bits, k, E, signed), q)
+    levels = Q.log_levels(bits, k, E, signed).astype(np.float64)
+    a = np.abs(x.astype(np.float64))
+    if not signed:
+        a = np.where(x < 0, np.nan, a)
+    inside = (a >= levels[-1]) & (a <= levels[0])
+    # every result is zero or a level, and inside the range the error is at most half the gap
+    mags = np.abs(q.astype(np.float64))
+    assert np.all(np.isin(mags[mags > 0].astype(np.float32), levels.astype(np.float32)))
+    for ai, qi in zip(a[inside], mags[inside]):
+        j = np.searchsorted(-levels, -ai)
+        gap = levels[max(j - 1, 0)] - levels[min(j, len(levels) - 1)]
+        assert abs(ai - qi) <= gap / 2 * (1 + 1e-6) + 1e-30
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float32, st.integers(2, 300), elements=st.floats(-50, 50, width=32)), bits_st, st.booleans())
+def test_optimal_frac_never_worse_than_no_overflow(w, bits, signed):
+    if not signed:
+        w = np.abs(w)
+    if not np.any(w):
+        return
+    best = Q.best_fxp_tensor(w, bits, signed)
+    f0 = Q.no_overflow_frac(float(np.max(np.abs(w))), bits, signed)
+    assert best.sqnr_db >= Q.sqnr_of(w, Q.fxp_quantize(w, bits, f0, signed)) - 1e-9
+
+
+def test_binned_log_top_never_worse_than_data_max():
+    rng = np.random.default_rng(1)
+    x = rng.laplace(size=50_000).astype(np.float32)
+    h = TensorHistogram("x")
+    h.update(x)
+    for bits in (4, 6, 8):
+        best = Q.best_log_binned(h.bins(), bits, True)
+        e_max = int(np.ceil(np.log2(np.abs(x).max()) * 2 ** best.k))
+        no_clip = Q.sqnr_of(x, Q.log_quantize(x, bits, best.k, e_max, True))
+        assert Q.sqnr_of(x, Q.log_quantize(x, bits, best.k, best.E, True)) >= no_clip - 0.1
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_histogram_sqnr_matches_exact(bits):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(100_000) * rng.lognormal(0, 1, 100_000)).astype(np.float32)
+    h = TensorHistogram("x")
+    h.update(x)
+    fx = Q.best_fxp_binned(h.bins(), bits, True)
+    lg = Q.best_log_binned(h.bins(), bits, True)
+    exact_fx = Q.sqnr_of(x, Q.fxp_quantize(x, bits, fx.frac, True))
+    exact_lg = Q.sqnr_of(x, Q.log_quantize(x, bits, lg.k, lg.E, True))
+    assert abs(fx.sqnr_db - exact_fx) < 0.3
+    assert abs(lg.sqnr_db - exact_lg) < 0.7
+    # the chosen f is the exact optimum (or within 0.2 dB of it)
+    exact = max(Q.sqnr_of(x, Q.fxp_quantize(x, bits, f, True)) for f in range(fx.frac - 3, fx.frac + 4))
+    assert exact_fx >= exact - 0.2
+
+
+def test_choice_heavy_tail_gets_log_uniform_gets_fixed():
+    rng = np.random.default_rng(0)
+    heavy = TensorHistogram("heavy")
+    heavy.update((rng.standard_normal(100_000) * np.exp(rng.standard_normal(100_000) * 1.5)).astype(np.float32))
+    uniform = TensorHistogram("uniform")
+    uniform.update(rng.uniform(-1, 1, 100_000).astype(np.float32))
+    for bits in (4, 6, 8):
+        h = choose_activation(heavy, bits, "auto", 0.0)
+        u = choose_activation(uniform, bits, "auto", 0.0)
+        assert h.kind == "log" and h.sqnr_log_db > h.sqnr_fixed_db
+        assert u.kind == "fixed" and u.sqnr_fixed_db > u.sqnr_log_db
+    # a margin larger than log's advantage keeps fixed point
+    h = choose_activation(heavy, 8, "auto", 100.0)
+    assert h.kind == "fixed"
+
+
+def test_combine_sqnr_additive_noise():
+    assert Q.combine_sqnr_db([30.0, 30.0]) == pytest.approx(30.0 - 10 * np.log10(2))
+    assert Q.combine_sqnr_db([40.0]) == pytest.approx(40.0)
