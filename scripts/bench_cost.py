@@ -17,15 +17,20 @@ it, wall time and peak RSS taken by ``/usr/bin/time`` (its own ``fork``, so the 
 1. ``mxqn-onnx convert in.onnx out.onnx --calib data.npz --report r.json`` with default options
    (verification included), the same with ``--format qdq``, and on the detector with
    ``--avg-wbits 6 --avg-abits 6`` (stopped after ``--timeout`` seconds and reported as
-   ``timeout``, with the peak RSS it had reached). The phase timings of the report JSON are
-   printed beside each row.
+   ``timeout``, with the peak RSS it had reached; that run's Python stacks are sampled every
+   60 s, so the table says where a stopped run was spending its time). The phase timings of
+   the report JSON are printed beside each row.
 2. onnxruntime's ``quantize_static`` (QDQ, MinMax, per tensor, uint8 activations, int8 weights,
    i.e. its defaults) on the same model and samples, fed one sample per batch, in a helper
    process (``--worker``).
 3. Plain FP32 onnxruntime inference over the same samples, one sample per run, in a helper
    process: the floor.
 4. onnxruntime inference of every converted model over the same samples (same helper): its
-   inference-loop time against FP32's.
+   inference-loop time against FP32's, and its output SQNR against FP32's outputs.
+
+Beside wall time, each row has the process's CPU time (user + sys, from ``time``) and the
+1-minute load average before and after it (in the JSON): on a shared machine wall-time ratios
+are only as good as the load was even; CPU time is less sensitive to it.
 
 With ``--profile``, each model's default ``convert`` also runs once under cProfile (not timed;
 top functions by cumulative and by own time) and the ``mxqn``-format model's inference once with
@@ -45,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,7 +154,8 @@ def timed(cmd: List[str], log: Path, timeout: Optional[float] = None) -> dict:
     Past ``timeout`` the command (not ``time``) is killed, so its peak RSS is still reported.
     """
     rusage = log.with_suffix(".time")
-    full = [TIME, "-o", str(rusage), "-f", "TIME %e %M %x", *cmd]
+    full = [TIME, "-o", str(rusage), "-f", "TIME %e %M %x %U %S", *cmd]
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     timed_out = False
     with open(log, "w") as lf:
@@ -162,13 +169,20 @@ def timed(cmd: List[str], log: Path, timeout: Optional[float] = None) -> dict:
             for pid in _children(p.pid):
                 os.kill(pid, signal.SIGKILL)
             p.wait()
+        finally:  # this script stopped (Ctrl-C, SIGTERM): leave no measured process behind
+            if p.poll() is None:
+                for pid in _children(p.pid) + [p.pid]:
+                    os.kill(pid, signal.SIGKILL)
+                p.wait()
     wall = time.perf_counter() - t0
     lines = [l for l in rusage.read_text().splitlines() if l.startswith("TIME ")] if rusage.exists() else []
-    r: dict = {"wall_s": wall, "cmd": " ".join(cmd), "log": str(log)}
+    r: dict = {"wall_s": wall, "cmd": " ".join(cmd), "log": str(log),
+               "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
     if lines:
-        _, _, kb, code = lines[-1].split()
+        _, _, kb, code, user, system = lines[-1].split()
         r["maxrss_mb"] = int(kb) / 1024.0
         r["exit"] = int(code)
+        r["cpu_s"] = float(user) + float(system)
     if timed_out:
         r["error"] = f"timeout ({timeout:.0f} s; peak {r.get('maxrss_mb', float('nan')):.0f} MB so far)"
     elif p.returncode != 0 or "maxrss_mb" not in r:
@@ -191,9 +205,41 @@ def _worker_result(r: dict) -> dict:
     return r
 
 
-def _mxqn_cmd(model: Path, out: Path, data: Path, report: Path, extra: Sequence[str] = ()) -> List[str]:
-    return [sys.executable, "-m", "mxqn_onnx.cli", "convert", str(model), str(out), "--calib", str(data),
-            "--report", str(report), *extra]
+def _mxqn_cmd(model: Path, out: Path, data: Path, report: Path, extra: Sequence[str] = (),
+              stacks: Optional[Path] = None, every: float = 60.0) -> List[str]:
+    """``python -m mxqn_onnx.cli convert ...``; with ``stacks``, the same CLI run from a wrapper
+    whose watchdog thread appends every thread's Python stack to that file every ``every`` s
+    (``faulthandler.dump_traceback_later``: one wake-up per interval, no measurable cost), so a
+    run stopped at the timeout still says where its time went."""
+    args = ["convert", str(model), str(out), "--calib", str(data), "--report", str(report), *extra]
+    if stacks is None:
+        return [sys.executable, "-m", "mxqn_onnx.cli", *args]
+    wrapper = ("import faulthandler, runpy, sys; f = open(sys.argv.pop(1), 'w'); "
+               f"faulthandler.dump_traceback_later({every}, repeat=True, file=f); "
+               "sys.argv[0] = 'mxqn-onnx'; runpy.run_module('mxqn_onnx.cli', run_name='__main__')")
+    return [sys.executable, "-c", wrapper, str(stacks), *args]
+
+
+def stack_summary(path: Path, top: int = 8) -> dict:
+    """Where the sampled stacks of a run were: innermost mxqn_onnx frame, and the api stage."""
+    if not path.exists():
+        return {}
+    inner: Dict[str, int] = {}
+    stage: Dict[str, int] = {}
+    samples = 0
+    for block in re.split(r"(?:Current thread|Thread) 0x", path.read_text())[1:]:
+        frames = [l.strip() for l in block.splitlines() if l.strip().startswith("File ")]
+        ours = [f for f in frames if "/mxqn_onnx/" in f]
+        if not ours:
+            continue
+        samples += 1
+        name = lambda f: f.split("/mxqn_onnx/")[1].replace('", line ', ":")  # noqa: E731
+        inner[name(ours[0])] = inner.get(name(ours[0]), 0) + 1
+        api = [f for f in ours if "/mxqn_onnx/api.py" in f]
+        if api:
+            stage[name(api[0])] = stage.get(name(api[0]), 0) + 1
+    srt = lambda d: [[k, v] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
+    return {"thread_samples": samples, "innermost_mxqn_frame": srt(inner), "api_frame": srt(stage)}
 
 
 def _read_report(r: dict, report: Path) -> dict:
@@ -314,7 +360,8 @@ def bench_model(key: str, nets: Path, work: Path, timeout: float, mixed: bool, p
 
     def show(label: str, r: dict, extra: str = "") -> None:
         cell = r.get("error") or f"{r['wall_s']:7.1f} s {r['maxrss_mb']:7.0f} MB"
-        print(f"  {key:9s} {label:24s} {cell} {extra}", flush=True)
+        load = "load {}->{}".format(*r["loadavg_1min"]) if "loadavg_1min" in r else ""
+        print(f"  {key:9s} {label:24s} {cell} {load} {extra}", flush=True)
 
     fp32_out = work / f"{key}_fp32_outputs.npy"
     r = _worker_result(timed(_worker_cmd({"kind": "infer", "model": str(model), "data": str(data),
@@ -330,17 +377,19 @@ def bench_model(key: str, nets: Path, work: Path, timeout: float, mixed: bool, p
     runs["quantize_static"] = r
     show("quantize_static", r, str(r.get("output_model", "")))
 
-    variants = [("mxqn", []), ("mxqn --format qdq", ["--format", "qdq"])]
+    variants = [("mxqn", [], False), ("mxqn --format qdq", ["--format", "qdq"], False)]
     if mixed:
-        variants.append(("mxqn --avg-wbits 6 --avg-abits 6", MIXED))
-    for label, extra in variants:
+        variants.append(("mxqn --avg-wbits 6 --avg-abits 6", MIXED, True))
+    for label, extra, sample in variants:
         tag = label.replace(" --", "_").replace(" ", "").replace("-", "")
-        out, report = work / f"{key}_{tag}.onnx", work / f"{key}_{tag}.json"
-        for stale in (out, report):
+        out, report, stacks = work / f"{key}_{tag}.onnx", work / f"{key}_{tag}.json", work / f"{key}_{tag}.stacks"
+        for stale in (out, report, stacks):
             stale.unlink(missing_ok=True)
-        r = _read_report(timed(_mxqn_cmd(model, out, data, report, extra), work / f"{key}_{tag}.log",
-                               timeout), report)
+        r = _read_report(timed(_mxqn_cmd(model, out, data, report, extra, stacks if sample else None),
+                               work / f"{key}_{tag}.log", timeout), report)
         r["output"] = str(out)
+        if sample:
+            r["stacks"] = stack_summary(stacks)
         runs[label] = r
         show(label, r, json.dumps(r.get("timings", {})))
 
@@ -382,13 +431,19 @@ def cost_rows(key: str, res: dict) -> List[List[str]]:
                                                            "rewrite", "verify") if t.get(k))
             if r.get("output_sqnr_db") is not None:
                 notes += f"; SQNR {r['output_sqnr_db']:.1f} dB on {r.get('verify_samples')}"
+        elif r.get("stacks", {}).get("api_frame"):
+            st = r["stacks"]
+            notes = "stack samples every 60 s: " + ", ".join(f"{k} x{v}" for k, v in st["api_frame"][:3]) + \
+                "; innermost " + ", ".join(f"{k} x{v}" for k, v in st["innermost_mxqn_frame"][:2])
         elif label == "fp32" and "run_s" in r:
             notes = f"session {r['session_s']:.1f}, loop {r['run_s']:.1f}"
         elif label == "quantize_static" and "output_model" in r:
             o = r["output_model"]
             notes = f"{o['DequantizeLinear']} DQ nodes, {o['int8_conv_weights']}/{o['Conv']} conv weights int8"
+        cpu = f"{r['cpu_s']:.1f}" if "cpu_s" in r else ""
         rows.append([key, name, _cost_cell(r), _ratio(r, qs, "wall_s"), _ratio(r, qs, "maxrss_mb"),
-                     _ratio(r, fp, "wall_s"), notes])
+                     _ratio(r, fp, "wall_s"), cpu,
+                     _ratio(r, qs, "cpu_s") if qs and "cpu_s" in r and "cpu_s" in qs else "", notes])
     return rows
 
 
@@ -442,6 +497,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--render", metavar="JSON", default=None, help="only print the tables of an earlier run")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run timed()'s clean-up on kill
     if args.worker:
         print(json.dumps(finite(worker(json.loads(args.worker)))))
         return 0
@@ -480,7 +536,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def render(result: dict, out: Optional[Path]) -> None:
     ct = [["model", "run (whole process)", "wall, peak RSS", "wall / quantize_static", "RSS / quantize_static",
-           "wall / FP32", "phases (s) / notes"]]
+           "wall / FP32", "CPU s (user+sys)", "CPU / quantize_static", "phases (s) / notes"]]
     it = [["model", "onnxruntime inference of", "samples", "inference loop", "/ FP32 loop", "whole process",
            "output SQNR vs FP32"]]
     for k, res in result["models"].items():
