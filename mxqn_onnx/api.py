@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from ._version import __version__
 from .calibration.calibrate import collect_histograms
 from .calibration.data import CalibrationLike, DataSource, input_specs, make_source
-from .calibration.observers import TensorHistogram, TensorSample
+from .calibration.observers import ReferenceOutputs, TensorHistogram, TensorSample
 from .config import QuantConfig
 from .errors import MxqnError
 from .graph import functions
@@ -42,7 +42,7 @@ from .mixed.search import packed_weight_bytes
 from .mixed.sensitivity import make_probe
 from .quant.choose import ActDecision, LayerDecision, choose_all, model_rounding_cost
 from .quant.quantizers import combine_sqnr_db
-from .report.measure import Comparison, compare
+from .report.measure import VERIFY_TOLERANCE_DB, Comparison, compare
 from .report.plots import histogram_summary
 
 
@@ -272,7 +272,8 @@ def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantCo
     result.size_after = result.model.ByteSize()
     t_rewrite = time.perf_counter()
 
-    result.comparison = _verify(result.model, source_model, source, stats.kept, config, outcome)
+    result.comparison = _verify(result.model, source_model, source, stats.kept, stats.references, config,
+                                outcome)
     t_verify = time.perf_counter()
     result.timings = {
         "load": t_load - t0, "calibrate": t_calib - t_load, "mixed_precision": t_mixed - t_calib,
@@ -346,6 +347,7 @@ class _Statistics:
     samples: Dict[str, np.ndarray]  # the first samples of each layer input (data-aware steps)
     means: Optional[Dict[str, np.ndarray]]  # input channel means from BatchNorm priors (None: data)
     bias_means: str  # where bias correction takes its input means, as reported
+    references: Optional[ReferenceOutputs] = None  # FP32 outputs of the first samples (verification)
 
 
 def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], source: DataSource,
@@ -370,10 +372,13 @@ def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], 
                 channel_axes[layer.data.name] = axis
     keep_samples = config.uses_samples(model_rounding_cost(layers))
     samples = {t: TensorSample(t, config.data_samples) for t in tensors} if keep_samples else {}
+    # the FP32 outputs of the samples verification will use come with this run
+    references = ReferenceOutputs([o.name for o in fp32.graph.output],
+                                  config.verify_count if config.verify else 0)
     hists, n_samples, kept = collect_histograms(
         fp32, tensors, source, config.calib_count, progress,
         keep_batches=keep if (config.verify or config.allocation_mode is not None) else 0,
-        channel_axes=channel_axes, samples=samples)
+        channel_axes=channel_axes, samples=samples, references=references)
     arrays = {t: a for t, a in ((t, s.array()) for t, s in samples.items()) if a is not None}
     # data-free bias correction: channel means from the BatchNorm priors instead of the data;
     # equalization rescaled the BN outputs' channels, so the priors no longer describe them
@@ -383,7 +388,7 @@ def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], 
             means, bias_means = correction.prior_input_means(prepared.graph, prepared.priors), "batchnorm"
         else:
             means, bias_means = {}, "none (BatchNorm priors do not hold after equalization)"
-    return _Statistics(hists, n_samples, kept, arrays, means, bias_means)
+    return _Statistics(hists, n_samples, kept, arrays, means, bias_means, references)
 
 
 def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped], stats: _Statistics,
@@ -420,7 +425,8 @@ def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped
     def measure(built):
         if not config.verify:
             return None
-        return compare(source_model, built[-1], iter(batches(config.verify_count)))
+        # the allocation is refined and judged on this measurement: every sample counts
+        return compare(source_model, built[-1], iter(batches(config.verify_count)), kept=stats.references)
 
     evaluate = None
     if validation is not None:
@@ -502,13 +508,16 @@ def _rewrite(graph: gs.Graph, layers: List[Layer], result: QuantResult,
 
 
 def _verify(qmodel: onnx.ModelProto, source_model: onnx.ModelProto, source: DataSource, kept: list,
-            config: QuantConfig, outcome: Optional[mixed.Outcome]) -> Optional[Comparison]:
-    """Stage 8: the FP32 and the quantized model side by side on calibration samples (None:
-    ``verify`` off). Mixed precision has already measured this very model."""
+            references: Optional[ReferenceOutputs], config: QuantConfig,
+            outcome: Optional[mixed.Outcome]) -> Optional[Comparison]:
+    """Stage 8: the quantized model's outputs against the FP32 ones on calibration samples
+    (None: ``verify`` off). The FP32 outputs come from the calibration run where it kept them;
+    the run stops once the output SQNR is known to :data:`VERIFY_TOLERANCE_DB` (its 95%
+    interval is in the comparison). Mixed precision has already measured this very model."""
     if outcome is not None and outcome.comparison is not None:
         return outcome.comparison
     if not config.verify:
         return None
     batches = source.batches(min(config.verify_count, config.calib_count or config.verify_count)) \
         if source.reiterable else iter(kept)
-    return compare(source_model, qmodel, batches)
+    return compare(source_model, qmodel, batches, kept=references, tolerance_db=VERIFY_TOLERANCE_DB)

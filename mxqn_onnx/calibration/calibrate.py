@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from ..errors import MxqnError, first_line
 from .data import DataSource, batch_len, fixed_batch
-from .observers import NonFiniteError, TensorHistogram, TensorSample
+from .observers import NonFiniteError, ReferenceOutputs, TensorHistogram, TensorSample
 
 #: Values per tensor and batch beyond which calibration histograms a subset. 2^20 values
 #: fill the 16k bins densely; larger activations (a 224x224 ResNet's first stages hold
@@ -74,6 +74,7 @@ def collect_histograms(
     output_budget: int = OUTPUT_BUDGET,
     samples: Optional[Dict[str, TensorSample]] = None,
     sample_budget: int = SAMPLE_BUDGET,
+    references: Optional[ReferenceOutputs] = None,
 ) -> tuple:
     """Histograms of ``tensors`` over the calibration data, batch by batch.
 
@@ -87,10 +88,14 @@ def collect_histograms(
     histograms do not depend on how batches are cut.
     ``samples``: :class:`TensorSample` per tensor, filled with the first samples; their counts
     are lowered so that each holds at most an equal share of ``sample_budget`` bytes.
+    ``references``: filled with the model's own outputs of the first samples (verification
+    then runs only the quantized model).
     """
     input_names = {s.name for s in source.specs}
     observed = [t for t in dict.fromkeys(tensors) if t not in input_names]
-    session = make_session(model, observed)
+    outputs = list(references.names) if references is not None and references.wants() else []
+    fetched = observed + [o for o in outputs if o not in observed]
+    session = make_session(model, fetched)
     channel_axes = channel_axes or {}
     samples = samples if samples is not None else {}
     hists: Dict[str, TensorHistogram] = {t: TensorHistogram(t, channel_axes.get(t)) for t in dict.fromkeys(tensors)}
@@ -119,7 +124,7 @@ def collect_histograms(
     # release the GIL). Waiting for run i before submitting i+1 bounds memory to two runs of
     # observed tensors, and runs are cut to about ``output_budget`` bytes of them each, so
     # peak memory depends neither on the number of samples nor on the batch size.
-    runner = _ReusingRunner(session, observed)
+    runner = _ReusingRunner(session, fetched)
     with progress_bar(progress, "calibrating", total) as bar, ThreadPoolExecutor(max_workers=1) as pool:
         task = bar.add_task("calibrating", total=total) if bar is not None else None
         pending = None
@@ -138,6 +143,8 @@ def collect_histograms(
                 except Exception as exc:
                     first = first_line(exc)
                     raise MxqnError(f"onnxruntime failed on {source.label}: {first}") from None
+                if outputs and references.wants():
+                    references.add([outs[fetched.index(o)] for o in outputs], m)
                 if per_sample is None and m:
                     per_sample = sum(o.nbytes for o in outs) / m
                     _fit_samples(samples, {k: v for k, v in zip(observed, outs)}, part, m, sample_budget)

@@ -19,7 +19,7 @@ always see every value.
 from __future__ import annotations
 
 from math import gcd
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -226,3 +226,55 @@ class TensorSample:
         if len(self.parts) > 1 and any(p.shape[1:] != self.parts[0].shape[1:] for p in self.parts):
             return self.parts[0]  # dynamic shapes: the first batch's shape only
         return np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+
+
+#: Bytes of FP32 outputs the calibration run keeps for verification.
+REFERENCE_BUDGET = 256 * 2 ** 20
+
+
+class ReferenceOutputs:
+    """The FP32 model's outputs for the first ``limit`` calibration samples.
+
+    Filled by the calibration run, which computes them anyway; read back by :func:`compare`
+    so verification does not run the FP32 model a second time. Holds at most ``budget`` bytes
+    (it stops keeping, never grows past it); outputs without a leading batch axis are not kept.
+    """
+
+    def __init__(self, names: Sequence[str], limit: int, budget: int = REFERENCE_BUDGET) -> None:
+        self.names = list(names)
+        self.limit = limit
+        self.budget = budget
+        self.count = 0
+        self._parts: List[List[np.ndarray]] = []
+        self._bytes = 0
+        self._joined: Optional[List[np.ndarray]] = None
+
+    def wants(self) -> bool:
+        return self.count < self.limit
+
+    def add(self, outputs: Sequence[np.ndarray], m: int) -> None:
+        """Keep the first samples of one run's outputs (copies: the run's buffers are reused)."""
+        take = min(m, self.limit - self.count)
+        if take <= 0:
+            return
+        if not all(np.ndim(o) and np.shape(o)[0] == m for o in outputs):
+            self.limit = self.count  # no batch axis to cut samples from: verification runs FP32
+            return
+        part = [np.array(o[:take]) for o in outputs]
+        size = sum(a.nbytes for a in part)
+        if self._bytes + size > self.budget:
+            self.limit = self.count
+            return
+        self._parts.append(part)
+        self._bytes += size
+        self.count += take
+        self._joined = None
+
+    def get(self, offset: int, n: int) -> Optional[List[np.ndarray]]:
+        """Outputs of samples ``offset .. offset + n`` (None if not all of them were kept)."""
+        if offset + n > self.count:
+            return None
+        if self._joined is None:
+            self._joined = [np.concatenate([p[i] for p in self._parts]) for i in range(len(self.names))]
+            self._parts = [self._joined]
+        return [a[offset:offset + n] for a in self._joined]

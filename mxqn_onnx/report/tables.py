@@ -99,6 +99,10 @@ def summary_lines(report: dict) -> list:
     m = report.get("measured")
     if m:
         line = f"measured output SQNR:  {_db(m['output_sqnr_db'])} dB on {m['samples']} calibration samples"
+        ci = m.get("output_sqnr_db_95")
+        if ci and all(v is not None for v in ci):
+            line += f" (95% interval {_db(ci[0])} to {_db(ci[1])} dB" + \
+                    ("; stopped there, the interval being tight enough)" if m.get("stopped_early") else ")")
         if m.get("top1_agreement") is not None:
             line += f"; top-1 agreement with FP32 {100 * m['top1_agreement']:.2f}%"
         lines.append(line)

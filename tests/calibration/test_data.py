@@ -45,7 +45,7 @@ def test_all_forms_give_the_same_decisions(tmp_path, digits_model, calib):
     for r in results[1:]:
         assert _hist_counts(r) == ref
         assert r.calibration_samples == len(calib)
-        assert r.comparison.samples >= 64
+        assert r.comparison.samples >= 64 or r.comparison.stopped_early
 
 
 def test_calib_count_and_batch_size(digits_model, digits_calib):
