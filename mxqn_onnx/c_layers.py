@@ -83,7 +83,8 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
     wname = _weights(consts, s)
     int4 = p["container"] == "int4"
     wt = "int8_t" if int4 or p["container"] == "int8" else "int16_t"
-    xt = "int64_t" if x.kind == "log" else x.ctype
+    lut = x.kind == "log" and "lut" in p["log"]
+    xt = "int64_t" if x.kind == "log" and not lut else x.ctype
     head = [f"/* {comment(s.op)} '{comment(p['layer'])}': {x.kind} input {x.ctype}, "
             f"{p['wbits']}-bit weights ({p['container']}), {st} sums, output '{comment(y.name)}' */",
             f"static MXQN_LAYER void {fname}(void)", "{"]
@@ -91,15 +92,26 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
     decl = ["    int64_t v;", "    int o;"]
     scratch = dict(zip([n for n, _ in s.scratch], s.scratch_bufs))
     pre = []
+
+    def rd(e: str) -> str:  # an input element as the integer the sum uses
+        return f"L[{e}]" if lut else e
+
     if x.kind == "log":
         lg = p["log"]
         t24 = consts.array("int32_t", lg["t24"], "t24", f"2^(r/2^{lg['k']}) as 24-bit integers")
-        body.append(f"    const {x.ctype} *xin = {ptr(x, True)};")
-        body.append(f"    int64_t *xe = (int64_t *)(mxqn_arena + {scratch['xe'].offset});")
-        body.append("    const int64_t *x = xe;")
-        pre.append(f"    for (i = 0; i < {x.numel}L; i++)\n"
-                   f"        xe[i] = mxqn_logx(xin[i], {t24}, {lg['k']}, {lg['r0']}, {lg['sbase']});")
+        logx = f"mxqn_logx({{}}, {t24}, {lg['k']}, {lg['r0']}, {lg['sbase']})"
         decl.append("    long i;")
+        if lut:  # the level of each code: M entries built from the 2^k-entry table and shifts
+            lo = -lg["M"] if x.quant["signed"] else 0
+            body.append(f"    int64_t *lut = (int64_t *)(mxqn_arena + {scratch['lut'].offset});")
+            body.append(f"    const int64_t *L = lut + {-lo};")
+            body.append(f"    const {x.ctype} *x = {ptr(x, True)};")
+            pre.append(f"    for (i = {lo}; i <= {lg['M']}; i++)\n        lut[i + {-lo}] = {logx.format('(int32_t)i')};")
+        else:  # wide codes: expand the whole input once
+            body.append(f"    const {x.ctype} *xin = {ptr(x, True)};")
+            body.append(f"    int64_t *xe = (int64_t *)(mxqn_arena + {scratch['xe'].offset});")
+            body.append("    const int64_t *x = xe;")
+            pre.append(f"    for (i = 0; i < {x.numel}L; i++)\n        xe[i] = {logx.format('xin[i]')};")
     else:
         body.append(f"    const {x.ctype} *x = {ptr(x, True)};")
     if int4:
@@ -146,7 +158,7 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
                  f"                        const long xr = xc + (long)(oy * {c['SH']} + ky * {c['DH']} - {c['PT']}) * {W};\n"
                  f"                        {st} *ar = acc + (long)oy * {OW};\n"
                  f"                        for (ox = ox0; ox < ox1; ox++)\n"
-                 f"                            ar[ox] += wv * ({st})xg[xr + ox * {c['SW']}];\n"
+                 f"                            ar[ox] += wv * ({st}){rd('xg[xr + ox * ' + str(c['SW']) + ']')};\n"
                  f"                    }}\n                }}\n            }}\n"
                  f"        for (q = 0; q < {OH * OW}L; q++) {{\n"
                  f"            const {st} sum = acc[q];\n"
@@ -159,7 +171,7 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
                  f"            const {xt} *xr = x + r * {K}L;\n"
                  f"            {st} sum = 0;\n"
                  f"            for (k = 0; k < {K}L; k++)\n"
-                 f"                sum += {mul('w[k]', 'xr[k]')};\n"
+                 f"                sum += {mul('w[k]', rd('xr[k]'))};\n"
                  f"            oi = r * {O}L + o;\n"
                  f"{epi}\n        }}\n    }}")
     records.append((acc.name, 1, "int64_t", acc.numel))

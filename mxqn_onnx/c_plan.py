@@ -35,6 +35,9 @@ from .simulate import (ACC_BITS, LEVEL_MANTISSA_BITS, IntegerExecutor, LogTable,
                        _pads, shift_round)
 
 INT4_TYPES = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+#: log codes with at most this many levels are read through a per-layer table of their
+#: expanded values (built at the start of the layer); wider ones are expanded tensor-wide
+LUT_MAX = 4096
 
 
 def executor_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -323,7 +326,10 @@ class Planner(BetweenOps):
         p["container"] = self._container(node, L)
         p["layer"] = node.name
         scratch = []
-        if x.kind == "log":
+        if x.kind == "log" and p["log"]["M"] <= LUT_MAX:
+            p["log"]["lut"] = True
+            scratch.append(("lut", 8 * (2 * p["log"]["M"] + 1 if x.quant["signed"] else p["log"]["M"] + 1)))
+        elif x.kind == "log":
             scratch.append(("xe", x.numel * 8))
         if p["container"] == "int4":
             scratch.append(("wrow", k_in))

@@ -151,6 +151,21 @@ def test_vgg16_code_for_code(tmp_path):
     assert np.array_equal(y.view(np.uint32), ref.view(np.uint32))
 
 
+ZOO = MODELS.parent / "cache" / "zoo"
+ZOO_MODELS = sorted(p.name for p in ZOO.glob("digits_*.onnx") if not p.stem.endswith("_dynamo")) \
+    if (ZOO / "digits_calib.npz").exists() else []
+
+
+@pytest.mark.skipif(not ZOO_MODELS, reason="no zoo models in cache/zoo (scripts/train_zoo.py)")
+@pytest.mark.parametrize("name", ZOO_MODELS or ["none"])
+def test_zoo_code_for_code(name, tmp_path):
+    """ResNets (residual Adds), MobileNetV2 (depthwise), VGGs of the zoo, when trained."""
+    model = mxqn_onnx.quantize(ZOO / name, ZOO / "digits_calib.npz", **FAST).model
+    x = np.load(ZOO / "digits_test.npz")["input"][:8]
+    _, y, ref = assert_code_for_code(model, x, tmp_path / "zoo")
+    assert np.array_equal(y.view(np.uint32), ref.view(np.uint32))
+
+
 def test_float_tail_runs_in_float_c(tmp_path):
     model = convert("float_tail")
     info, y, ref = assert_code_for_code(model, digits(32), tmp_path / "tail")
