@@ -279,6 +279,8 @@ def requant_code(consts: Consts, src: Val, out: Val, p: dict, v: str, idx: str) 
         return f"({out.ctype})mxqn_fixq({v}, {sh}, {q['lo']}, {q['hi']})"
     tables = p["tables"]
     fs = sorted(tables)
+    if "lshift" in p:
+        v = f"(int64_t)((uint64_t)({v}) << {per_channel(consts, p['lshift'], 'int8_t', 'lsh', idx)})"
     m1 = len(out.table.mids)
     signed = int(q["signed"])
     if len(fs) == 1:

@@ -214,12 +214,17 @@ class Planner(BetweenOps):
         if q["kind"] == "fixed":
             return {"shift": (src.frac - q["frac"]).astype(np.int64)}
         t: LogTable = out.table
-        tables = {}
-        for f in sorted(set(int(f) for f in src.frac)):
+
+        def table(f: int):
             thr = [min(_ceil_scaled(float(m), f), INT_LIMIT) for m in t.mids]
-            z = min(_ceil_scaled(float(t.zero_below), f), INT_LIMIT)
-            tables[f] = (np.array(thr, np.int64), int(z))
-        return {"tables": tables}
+            return np.array(thr, np.int64), int(min(_ceil_scaled(float(t.zero_below), f), INT_LIMIT))
+
+        fs = sorted(set(int(f) for f in src.frac))
+        if len(fs) > 1 and src.bound * 2 ** (fs[-1] - fs[0]) < INT_LIMIT:
+            # one table at the largest length: for an integer a, a >= ceil(m 2^F) exactly when
+            # a 2^(Fmax - F) >= ceil(m 2^Fmax); each channel shifts its value left instead
+            return {"tables": {fs[-1]: table(fs[-1])}, "lshift": (fs[-1] - src.frac).astype(np.int64)}
+        return {"tables": {f: table(f) for f in fs}}
 
     # ------------------------------------------------------------------ quantized layers
     def layer(self, node: onnx.NodeProto) -> None:

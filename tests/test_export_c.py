@@ -39,6 +39,8 @@ VARIANTS = {
 def convert(tag: str) -> onnx.ModelProto:
     if tag == "vgg16":
         return mxqn_onnx.quantize(MODELS / "digits32_vgg16.onnx", MODELS / "digits32_calib.npz", **FAST).model
+    if tag == "fallbacks":
+        return mxqn_onnx.quantize(synth_fallbacks_model(), {"x": synth_data(64, 0)}, **FAST, exclude=("c4", "y")).model
     if tag.startswith("synth"):
         kw = {"synth_log": dict(act_quant="log")}.get(tag, {})
         return mxqn_onnx.quantize(synth_model(), {"x": synth_data(64, 0)}, **FAST, **kw).model
@@ -228,6 +230,42 @@ def synth_model(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
+def synth_fallbacks_model(seed: int = 1) -> onnx.ModelProto:
+    """Float ops between layers (Add, Clip and MaxPool on the float outputs of AveragePools),
+    GlobalMaxPool on integers, Squeeze, and a Conv and a Gemm left in float at the end."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def w(name, *shape):
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * (2.0 / np.prod(shape[1:])) ** 0.5)
+                                             .astype(np.float32), name))
+        return name
+
+    def node(op, ins, out, **kw):
+        nodes.append(helper.make_node(op, ins, [out], name=out, **kw))
+
+    node("Conv", ["x", w("c1_w", 8, 3, 3, 3), w("c1_b", 8)], "c1", pads=[1, 1, 1, 1])
+    node("Relu", ["c1"], "r1")
+    node("AveragePool", ["r1"], "ap", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1])
+    node("AveragePool", ["r1"], "ap2", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], count_include_pad=1)
+    node("Add", ["ap", "ap2"], "s")
+    inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 0.7))]
+    node("Clip", ["s", "lo", "hi"], "k")
+    node("MaxPool", ["k"], "mp", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    node("Conv", ["mp", w("c2_w", 8, 8, 3, 3)], "c2", pads=[1, 1, 1, 1])
+    node("Relu", ["c2"], "r2")
+    node("Conv", ["r2", w("c3_w", 8, 8, 3, 3), w("c3_b", 8)], "c3", pads=[1, 1, 1, 1])
+    node("Relu", ["c3"], "r3")
+    node("GlobalMaxPool", ["r3"], "gm")
+    node("Conv", ["gm", w("c4_w", 6, 8, 1, 1)], "c4")  # excluded: float
+    inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "ax"))
+    node("Squeeze", ["c4", "ax"], "sq")
+    node("Gemm", ["sq", w("fc_w", 10, 6)], "y", transB=1)  # excluded: float
+    g = helper.make_graph(nodes, "fallbacks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def synth_data(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)
 
@@ -243,6 +281,15 @@ def test_ops_between_layers_code_for_code(tag, tmp_path):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"x": synth_data(32, 1)})[0]
     assert np.mean(y.argmax(1) == got.argmax(1)) >= 0.9
+
+
+def test_float_fallbacks_between_layers(tmp_path):
+    model = convert("fallbacks")
+    info, y, ref = assert_code_for_code(model, synth_data(24, 3), tmp_path / "fb")
+    src = (tmp_path / "fb" / "model.c").read_text()
+    for op in ("float_clip", "float_maxpool", "float_add", "float_layer", "int_maxpool"):
+        assert f"/* {op} '" in src, op
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)  # float layers at the end: float rounding
 
 
 # ---------------------------------------------------------------- refusals and the CLI
