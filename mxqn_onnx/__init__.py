@@ -4,5 +4,6 @@ from ._version import __version__
 from .api import QuantResult, quantize
 from .config import QuantConfig
 from .errors import MxqnError
+from .integer.c_export import export_c
 
-__all__ = ["quantize", "QuantConfig", "QuantResult", "MxqnError", "__version__"]
+__all__ = ["quantize", "QuantConfig", "QuantResult", "MxqnError", "export_c", "__version__"]

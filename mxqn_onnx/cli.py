@@ -1,4 +1,4 @@
-"""``mxqn-onnx`` command line: convert, inspect, evaluate, report, simulate. A thin layer over the API."""
+"""``mxqn-onnx`` command line: convert, inspect, evaluate, report, simulate, export-c. A thin layer over the API."""
 
 from __future__ import annotations
 
@@ -223,6 +223,33 @@ def cmd_simulate(args, console: Console, err: Console) -> int:
     return 0 if rep["within_one_step"] else 1
 
 
+def _add_export_c(sub) -> None:
+    p = sub.add_parser("export-c", help="write an mxqn model as integer-only C99 (model.h, model.c, main.c)",
+                       description="Write a converted (--format mxqn) model as portable C99: integer "
+                                   "layers, one static arena, a ./run IN.bin OUT.bin harness. Build with "
+                                   "cc -O2 -std=c99 -o run DIR/*.c -lm")
+    p.add_argument("model", help="a model written by mxqn-onnx convert (--format mxqn)")
+    p.add_argument("dir", help="folder to write (replaced if it holds an earlier export)")
+    p.add_argument("--input-shape", type=int, nargs="+", metavar="D",
+                   help="sample shape, batch 1 (e.g. 1 3 224 224) when the input has dynamic dimensions")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def cmd_export_c(args, console: Console, err: Console) -> int:
+    from .integer.c_export import export_c
+
+    info = export_c(args.model, args.dir, input_shape=args.input_shape)
+    if args.json:
+        console.print_json(json.dumps({k: v for k, v in info.items() if k != "debug_records"}))
+        return 0
+    console.print(f"wrote {info['dir']}: {info['layers']} integer layers, activation arena {info['arena_bytes']} "
+                  f"bytes, weights {info['weight_bytes']} bytes; build: cc -O2 -std=c99 -o run {info['dir']}/*.c -lm",
+                  highlight=False, markup=False, soft_wrap=True)
+    if info["float_ops"]:
+        console.print("float C: " + ", ".join(info["float_ops"]), highlight=False, markup=False, soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mxqn-onnx", description="MXQN post-training quantization of ONNX CNNs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -232,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_report(sub)
     _add_simulate(sub)
+    _add_export_c(sub)
     return parser
 
 
@@ -359,7 +387,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     console = Console()
     err = Console(stderr=True)
     handler = {"convert": cmd_convert, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "report": cmd_report,
-               "simulate": cmd_simulate}[args.command]
+               "simulate": cmd_simulate, "export-c": cmd_export_c}[args.command]
     try:
         return handler(args, console, err)
     except MxqnError as exc:
