@@ -534,6 +534,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def _verdict(ok: Optional[bool]) -> str:
+    return "-" if ok is None else ("PASS" if ok else "MISS")
+
+
+def target_rows(result: dict) -> List[List[str]]:
+    """Issue 12's targets, each PASS or MISS from this run's own measurements."""
+    rows = []
+    for k, res in result["models"].items():
+        runs, inf = res["runs"], res["inference"]
+        mx, qs, fp = runs.get("mxqn", {}), runs.get("quantize_static", {}), runs.get("fp32", {})
+
+        def ratio(a: dict, b: dict, key: str) -> Optional[float]:
+            return a[key] / b[key] if key in a and key in b and b[key] else None
+
+        for what, value, limit in (
+                ("convert (verified) wall / quantize_static", ratio(mx, qs, "wall_s"), 1.0),
+                ("convert (verified) peak RSS / quantize_static", ratio(mx, qs, "maxrss_mb"), 1.0),
+                ("stretch: convert wall / FP32 inference", ratio(mx, fp, "wall_s"), 2.0),
+                ("mxqn model inference loop / FP32 loop", ratio(inf.get("mxqn", {}), inf.get("fp32", {}), "run_s"),
+                 2.0)):
+            rows.append([k, what, "" if value is None else f"{value:.2f}x", f"<= {limit:g}x",
+                         _verdict(None if value is None else value <= limit)])
+        mixed = runs.get("mxqn --avg-wbits 6 --avg-abits 6")
+        if mixed is not None:
+            for what, key, limit in (("mixed W6/A6 wall / uniform convert", "wall_s", 3.0),
+                                     ("mixed W6/A6 peak RSS / uniform convert", "maxrss_mb", 1.5)):
+                value = ratio(mixed, mx, key) if "error" not in mixed else None
+                rows.append([k, what, mixed.get("error", "") if value is None else f"{value:.2f}x",
+                             f"<= {limit:g}x", "MISS" if "error" in mixed else _verdict(None if value is None
+                                                                                        else value <= limit)])
+    return rows
+
+
 def render(result: dict, out: Optional[Path]) -> None:
     ct = [["model", "run (whole process)", "wall, peak RSS", "wall / quantize_static", "RSS / quantize_static",
            "wall / FP32", "CPU s (user+sys)", "CPU / quantize_static", "phases (s) / notes"]]
@@ -545,7 +578,9 @@ def render(result: dict, out: Optional[Path]) -> None:
     env = result.get("environment", {})
     print_table(f"conversion cost, whole processes ({env.get('cpus')} CPUs, onnxruntime {env.get('onnxruntime')})", ct)
     print_table("inference of the converted models over the calibration samples, one sample per run", it)
-    md = [markdown(ct), markdown(it)]
+    tt = [["model", "target", "measured", "limit", "verdict"]] + target_rows(result)
+    print_table("issue 12 targets (ratios from this run)", tt)
+    md = [markdown(ct), markdown(it), markdown(tt)]
     for title, t in profile_tables(result["models"]):
         print_table(title, t)
         md.append(f"**{title}**\n\n" + markdown(t))
