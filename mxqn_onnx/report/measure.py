@@ -57,7 +57,7 @@ class Comparison:
     #: per verification unit (a sample, or a whole batch for outputs without a batch axis)
     unit_signal: List[float] = field(default_factory=list)
     unit_noise: List[float] = field(default_factory=list)
-    #: whether the run stopped before the data ended, the interval being tight enough
+    #: whether the run stopped on reaching the tolerance (the interval being tight enough)
     stopped_early: bool = False
 
     @property
@@ -116,10 +116,11 @@ class Comparison:
         }
 
 
-def _chunks(feed: Feed, n: int):
-    """The batch cut into runs of about :data:`RUN_INPUT_VALUES` input values."""
+def _chunks(feed: Feed, n: int, splittable: bool = True):
+    """The batch cut into runs of about :data:`RUN_INPUT_VALUES` input values (whole when the
+    model's batch size is fixed)."""
     arrays = list(feed.values())
-    if n <= 1 or not all(np.ndim(a) and np.shape(a)[0] == n for a in arrays):
+    if n <= 1 or not splittable or not all(np.ndim(a) and np.shape(a)[0] == n for a in arrays):
         yield feed, n
         return
     per = sum(np.asarray(a).size for a in arrays) / n
@@ -147,12 +148,16 @@ def compare(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Ite
     if kept is not None and kept.names != names:
         kept = None
     ref_s = None
+    # a model whose batch size is fixed takes only whole batches
+    inits = {t.name for t in quantized.graph.initializer}
+    splittable = not any(i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value > 0
+                         for i in quantized.graph.input if i.name not in inits)
     c = Comparison()
     offset = 0
     for batch in batches:
         n_batch = int(np.asarray(next(iter(batch.values()))).shape[0]) if batch and \
             np.ndim(next(iter(batch.values()))) else 1
-        for feed, m in _chunks(batch, n_batch):
+        for feed, m in _chunks(batch, n_batch, splittable):
             ref = kept.get(offset, m) if kept is not None else None
             if ref is None:
                 if ref_s is None:
