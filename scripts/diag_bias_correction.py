@@ -137,6 +137,10 @@ VARIANTS = {
     "nearest": ({"rounding": "nearest"}, {}),
     "gptq": ({"rounding": "gptq"}, {}),
     "depthwise-only": ({}, {"only": _is_depthwise}),
+    # orientation network only (PP-LCNet node names): its layers on 1x1 maps (SE blocks and the
+    # last conv, after global pooling: one value per sample and channel), and its last two convs
+    "orient:no-1x1-maps": ({}, {"only": lambda l: l.name not in ("Conv.24", "Conv.25", "Conv.28", "Conv.29", "Conv.31")}),
+    "orient:no-last-two": ({}, {"only": lambda l: l.name not in ("Conv.30", "Conv.31")}),
     "pointwise-only": ({}, {"only": lambda l: not _is_depthwise(l)}),
 }
 
