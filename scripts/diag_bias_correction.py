@@ -1,6 +1,6 @@
 """Why bias correction hurts on the third-party networks (issue 13): measurements, no fixes.
 
-Bias correction (``mxqn_onnx.correction``, applied in ``choose.decide_layer``) subtracts from
+Bias correction (``mxqn_onnx.lowbit.correction``, applied in ``quant.choose.decide_layer``) subtracts from
 each layer's bias the predicted mean output shift
 
     shift = Wq . (mu + m) - W . mu  =  (Wq - W) . mu   +   Wq . m
@@ -49,7 +49,8 @@ import third_party as tp  # noqa: E402
 from bench_third_party import INPUTS, calib_pages, evaluate  # noqa: E402
 
 import mxqn_onnx  # noqa: E402
-from mxqn_onnx import choose, correction  # noqa: E402
+from mxqn_onnx.lowbit import correction  # noqa: E402
+from mxqn_onnx.quant import choose  # noqa: E402
 from mxqn_onnx.config import QuantConfig  # noqa: E402
 
 _orig_shift = correction.output_shift
