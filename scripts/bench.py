@@ -129,16 +129,16 @@ def session(path: str):
 
 
 class NpzReader:
-    """onnxruntime ``CalibrationDataReader`` over an array, in batches of ``BATCH``."""
+    """onnxruntime ``CalibrationDataReader`` over an array, in batches of ``batch`` samples."""
 
-    def __init__(self, name: str, x: np.ndarray) -> None:
-        self.name, self.x, self.i = name, x, 0
+    def __init__(self, name: str, x: np.ndarray, batch: int = BATCH) -> None:
+        self.name, self.x, self.i, self.batch = name, x, 0, batch
 
     def get_next(self):
         if self.i >= len(self.x):
             return None
-        b = {self.name: self.x[self.i:self.i + BATCH]}
-        self.i += BATCH
+        b = {self.name: self.x[self.i:self.i + self.batch]}
+        self.i += self.batch
         return b
 
     def rewind(self) -> None:

@@ -63,7 +63,7 @@ import numpy as np
 SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
-from bench import _cost_cell, _ratio, environment, finite, markdown, print_table, session  # noqa: E402
+from bench import NpzReader, _cost_cell, _ratio, environment, finite, markdown, print_table, session  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -79,11 +79,16 @@ MIXED = ["--avg-wbits", "6", "--avg-abits", "6"]
 # --------------------------------------------------------------------------- helper processes
 
 
-def _batches(data: str):
-    """(input name, one-sample batches) of a calibration .npz with one key."""
+def _samples(data: str):
+    """(input name, samples) of a calibration .npz with one key."""
     with np.load(data) as z:
         name = z.files[0]
-        x = z[name]
+        return name, z[name]
+
+
+def _batches(data: str):
+    """(input name, one-sample batches) of a calibration .npz with one key."""
+    name, x = _samples(data)
     return name, [x[i:i + 1] for i in range(len(x))]
 
 
@@ -114,16 +119,9 @@ def worker(task: dict) -> dict:
     elif task["kind"] == "ort":
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        name, batches = _batches(task["data"])
-        it = iter(batches)
-
-        class Reader:
-            def get_next(self):
-                b = next(it, None)
-                return None if b is None else {name: b}
-
+        name, x = _samples(task["data"])
         t0 = time.perf_counter()
-        quantize_static(task["model"], task["output"], Reader(), quant_format=QuantFormat.QDQ,
+        quantize_static(task["model"], task["output"], NpzReader(name, x, batch=1), quant_format=QuantFormat.QDQ,
                         calibrate_method=CalibrationMethod.MinMax, per_channel=False,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         out["quantize_s"] = time.perf_counter() - t0

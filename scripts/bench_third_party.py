@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import third_party as tp  # noqa: E402
+from bench import NpzReader  # noqa: E402
 
 PAPER = {"bias_correction": False, "rounding": "nearest"}
 CONFIGS: Dict[str, dict] = {
@@ -60,19 +61,6 @@ DEFAULT_CONFIGS = ["w8a8-default", "w8a8-no-biascorr", "w8a8-paper", "w8a8-gptq"
 INPUTS = {"orientation": tp.ORIENTATION_INPUT, "layout": tp.LAYOUT_INPUT}
 
 
-class Reader:
-    """onnxruntime CalibrationDataReader, one sample per batch (the detector fixes batch 1)."""
-
-    def __init__(self, name: str, x: np.ndarray) -> None:
-        self.name, self.x, self.i = name, x, 0
-
-    def get_next(self):
-        if self.i >= len(self.x):
-            return None
-        self.i += 1
-        return {self.name: self.x[self.i - 1:self.i]}
-
-
 def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Path):
     """The quantized ModelProto and the conversion's wall time."""
     import onnx
@@ -84,7 +72,7 @@ def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Pat
 
         pre, out = work / f"{name}_pre.onnx", work / f"{name}_ort.onnx"
         quant_pre_process(str(model_path), str(pre))
-        quantize_static(str(pre), str(out), Reader(INPUTS[name], calib), quant_format=QuantFormat.QDQ,
+        quantize_static(str(pre), str(out), NpzReader(INPUTS[name], calib, batch=1), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["Conv", "Gemm", "MatMul"], per_channel=cfg["per_channel"],
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                         calibrate_method=CalibrationMethod.MinMax)

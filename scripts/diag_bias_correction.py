@@ -247,15 +247,7 @@ class Stats:
 
 def _run_tensors(model, names: List[str], x: np.ndarray, input_name: str, chunk: int, fn) -> None:
     """``fn(page_index, {name: array})`` for every page, the tensors fetched ``chunk`` at a time."""
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for nm in names:
-        if nm not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(nm))
-    sess = tp.session(m)
+    sess = tp.session(_with_outputs(model, names))
     for start in range(0, len(names), chunk):
         part = names[start:start + chunk]
         for i in range(len(x)):
@@ -311,8 +303,7 @@ def run_trace(name: str, args) -> List[dict]:
         fp_qerr[inp].add(acts[inp].quantize(x) - x)
 
     def quant_stats(qmodel):
-        q_in, q_qv, err, err_mean = ({t: Stats() for t in ins}, {t: Stats() for t in ins},
-                                     {t: Stats() for t in outs}, {t: Stats() for t in outs})
+        q_in, q_qv, err = ({t: Stats() for t in ins}, {t: Stats() for t in ins}, {t: Stats() for t in outs})
         names = [t for t in ins if t != inp] + [f"{t}_mxqn" for t in ins] + outs
         names = [n for n in dict.fromkeys(names)]
         fp_sess = None if keep_ref else tp.session(_with_outputs(fp32, outs))

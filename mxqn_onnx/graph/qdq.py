@@ -70,14 +70,14 @@ def pair_fits_int16(weight_codes: np.ndarray, act_max: int) -> bool:
 
 
 def weight_storage(container: Container, codes: np.ndarray, act: Optional[ActDecision],
-                   encoding: str) -> Tuple[Container, int]:
+                   encoding: str, opset: int) -> Tuple[Container, int]:
     """The container and zero point of a layer's weight codes in the QDQ output.
 
     ``act`` is the layer's input quantizer when it is QDQ (the layer may fuse), else None.
     """
     if (encoding == "safe" and act is not None and container.name == "int8"
             and act.bits <= 8 and not pair_fits_int16(codes, act_code_max(act))):
-        return container_for(8, False, 13), UINT8_OFFSET
+        return container_for(8, False, opset), UINT8_OFFSET
     return container, 0
 
 

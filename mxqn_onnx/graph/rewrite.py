@@ -106,7 +106,7 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
         in_qdq = _uses_qdq_act(acts[layer.data.name], fmt, opset)
         if fmt == "qdq" and qdq_supports(wd.bits, opset):
             wcont, zero_point = qdq.weight_storage(wcont, codes, acts[layer.data.name] if in_qdq else None,
-                                                   qdq_encoding)
+                                                   qdq_encoding, opset)
             node.inputs[layer.weight_index] = qdq.dequantize_constant(
                 graph, f"{dec.name}.weight", codes, wd.frac, wd.axis, wcont, retype, zero_point)
         else:

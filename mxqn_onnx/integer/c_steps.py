@@ -98,32 +98,30 @@ def _pool_io(s: Step, ctype_in: str, ctype_out: str) -> List[str]:
     return [f"    const {ctype_in} *x = {ptr(x, True)};", f"    {ctype_out} *y = {ptr(y)};"]
 
 
-def _int_maxpool(consts, s, name, records):
-    x, y, p = s.ins[0], s.outs[0], s.p
-    body = _pool_io(s, x.ctype, y.ctype) + [WIN_DECL, "    int64_t m, v;"] + _window(p) + [
-        "                m = INT64_MIN;",
+def _maxpool(s, name, ctype_in: str, ctype_out: str, acc: str, lowest: str, load, cast: str):
+    """Max over each window; ``load(index)`` is the C expression reading ``x`` at ``index``."""
+    p = s.p
+    index = f"((long)c * {p['H']} + iy0 + ky * {p['DH']}) * {p['W']} + ix0 + kx * {p['DW']}"
+    body = _pool_io(s, ctype_in, ctype_out) + [WIN_DECL, f"    {acc} m, v;"] + _window(p) + [
+        f"                m = {lowest};",
         "                for (ky = ky0; ky < ky1; ky++)",
         "                    for (kx = kx0; kx < kx1; kx++) {",
-        f"                        v = {load_int(x, 'x[((long)c * ' + str(p['H']) + ' + iy0 + ky * ' + str(p['DH']) + ') * ' + str(p['W']) + ' + ix0 + kx * ' + str(p['DW']) + ']')};",
+        f"                        v = {load(index)};",
         "                        if (v > m) m = v;",
         "                    }",
-        f"                y[((long)c * {p['OH']} + oy) * {p['OW']} + ox] = ({y.ctype})m;",
+        f"                y[((long)c * {p['OH']} + oy) * {p['OW']} + ox] = {cast}m;",
         "            }", "        }"]
     return _fn(name, s, body)
+
+
+def _int_maxpool(consts, s, name, records):
+    x, y = s.ins[0], s.outs[0]
+    return _maxpool(s, name, x.ctype, y.ctype, "int64_t", "INT64_MIN", lambda i: load_int(x, f"x[{i}]"),
+                    f"({y.ctype})")
 
 
 def _float_maxpool(consts, s, name, records):
-    x, p = s.ins[0], s.p
-    body = _pool_io(s, "float", "float") + [WIN_DECL, "    float m, v;"] + _window(p) + [
-        "                m = -FLT_MAX;",
-        "                for (ky = ky0; ky < ky1; ky++)",
-        "                    for (kx = kx0; kx < kx1; kx++) {",
-        f"                        v = x[((long)c * {p['H']} + iy0 + ky * {p['DH']}) * {p['W']} + ix0 + kx * {p['DW']}];",
-        "                        if (v > m) m = v;",
-        "                    }",
-        f"                y[((long)c * {p['OH']} + oy) * {p['OW']} + ox] = m;",
-        "            }", "        }"]
-    return _fn(name, s, body)
+    return _maxpool(s, name, "float", "float", "float", "-FLT_MAX", lambda i: f"x[{i}]", "")
 
 
 def _float_gap(consts, s, name, records):
@@ -148,7 +146,7 @@ def _float_avgpool(consts, s, name, records):
     """AveragePool in onnxruntime's order: the vector kernel (sums down each column of the
     window, then across) when the width stride is 1 or 2 and kernels are at most 32, else
     row-major sums; then one division by the count."""
-    x, p = s.ins[0], s.p
+    p = s.p
     if p["DH"] != 1 or p["DW"] != 1:
         raise AssertionError("dilated AveragePool is refused by the planner")
     if p["KH"] == p["H"] and p["KW"] == p["W"] and p["SH"] == p["SW"] == 1 and p["PT"] == p["PL"] == 0 \
@@ -161,7 +159,7 @@ def _float_avgpool(consts, s, name, records):
         cs = s.scratch_bufs[0].offset
         body += [f"    float *col = (float *)(mxqn_arena + {cs});", "    int iw;"]
         body += _window(p)[:6] + [
-            f"                /* column sums over the valid rows (once per output row in onnxruntime) */",
+            "                /* column sums over the valid rows (once per output row in onnxruntime) */",
             "                if (ox == 0)",
             f"                    for (iw = 0; iw < {p['W']}; iw++) {{",
             f"                        m = x[((long)c * {p['H']} + iy0 + ky0) * {p['W']} + iw];",

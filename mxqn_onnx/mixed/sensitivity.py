@@ -351,7 +351,7 @@ def make_probe(fp32: onnx.ModelProto, layers: Sequence[Layer], hists: Dict[str, 
                 state["probe"] = QuantizerProbe(fp32, layers, [whole], tensors)
         out: Dict[UnitKey, Dict[int, float]] = {k: {} for k in unit_widths}
         all_widths = sorted({b for ws in unit_widths.values() for b in ws})
-        run_values = sum(_sample_values(f)[1] * _sample_values(f)[0] for f in state["probe"].batches)
+        run_values = sum(int(np.prod(_sample_values(f))) for f in state["probe"].batches)
         measured = measured_widths(all_widths, len(unit_widths), run_values)
         for width in all_widths:
             # units that have this width to measure (a unit none of whose widths is in
