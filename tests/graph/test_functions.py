@@ -72,3 +72,34 @@ def test_log_quant_body_at_levels_and_thresholds(bits, k, E, signed):
     # ties at a threshold go to the upper level, as the format defines
     up = Q.log_quantize(thr[1:], bits, k, E, bool(signed))
     np.testing.assert_array_equal(up, v[2:])
+
+
+def _session_nd(op, attrs, rank):
+    node = helper.make_node(op, ["x"], ["y"], domain=F.DOMAIN, **attrs)
+    dims = [None] * rank
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, dims)],
+                          [helper.make_tensor_value_info("y", 1, dims)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(F.DOMAIN, 1)],
+                          functions=F.all_functions(13), ir_version=8)
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 1667, 3), (20004,), (1, 4, 5001)])
+def test_log_quant_body_keeps_shape(x, shape):
+    """The body flattens to index its tables; every element must come back where it was."""
+    xs = x[:20004].reshape(shape)
+    y = _session_nd(F.LOG_OP, dict(bits=6, k=2, E=8, signed=1), len(shape)).run(None, {"x": xs})[0]
+    assert y.shape == xs.shape
+    np.testing.assert_array_equal(y, Q.log_quantize(xs, 6, 2, 8, True))
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+def test_log_quant_body_with_subnormal_levels(signed):
+    """Levels down in float32's subnormal range (a layer with tiny activations)."""
+    E = -135 * 4
+    m = Q.log_num_levels(8, bool(signed))
+    levels = Q.pow2((E - np.arange(m)) / 4.0)
+    assert levels.min() < np.finfo(np.float32).tiny
+    x = np.concatenate([levels, -levels, levels * np.float32(1.1), np.float32([0.0, 1.0, -1e-45])])
+    y = _session(F.LOG_OP, dict(bits=8, k=2, E=E, signed=signed), 13).run(None, {"x": x.astype(np.float32)})[0]
+    np.testing.assert_array_equal(y, Q.log_quantize(x, 8, 2, E, bool(signed)))
