@@ -19,7 +19,7 @@ always see every value.
 from __future__ import annotations
 
 from math import gcd
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -87,6 +87,9 @@ class TensorHistogram:
         self.channel_axis = channel_axis
         self.channel_sum: Optional[np.ndarray] = None
         self.channel_count = 0
+        #: results computed from these counts (quantizer choices, keyed by their arguments):
+        #: mixed precision asks for the same ones many times; update and merge clear it
+        self.derived: Dict[tuple, object] = {}
 
     @property
     def total(self) -> int:
@@ -100,6 +103,7 @@ class TensorHistogram:
         with any dimension, so the sample cycles through every row, column and channel), each
         counted ``s`` times. Without it (the default) every value is counted.
         """
+        self.derived.clear()
         batch = np.ascontiguousarray(x, dtype=np.float32)
         x = batch.ravel()
         if x.size == 0:
@@ -151,6 +155,7 @@ class TensorHistogram:
 
     def merge(self, other: "TensorHistogram") -> "TensorHistogram":
         """Add another histogram's counts into this one (returns self)."""
+        self.derived.clear()
         was_empty = self.total == 0
         self.counts += other.counts
         self.min = min(self.min, other.min)

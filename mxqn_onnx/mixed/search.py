@@ -9,6 +9,8 @@ module holds the strategy and the API keeps the plumbing.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -66,11 +68,17 @@ def build_units(layers: Sequence[Layer], hists: Dict[str, TensorHistogram], n_sa
             act_fixed[t] = config.keep_bits
         else:
             act_fixed[t] = None if free_a else config.abits
-    for t, fixed in act_fixed.items():
-        h = hists[t]
+    def act_table(item):
+        t, fixed = item
         widths = [fixed] if fixed is not None else list(config.bits_set)
-        table = {b: choose_activation(h, b, config.act_quant, config.log_margin_db).sqnr_db for b in widths}
-        size = max(1, int(round(h.total / max(n_samples, 1))))
+        return {b: choose_activation(hists[t], b, config.act_quant, config.log_margin_db).sqnr_db for b in widths}
+
+    # every tensor at every width: the largest part of this step; numpy releases the GIL in
+    # the binned error sums, so a thread per core shortens it (map keeps the order)
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        tables = list(pool.map(act_table, act_fixed.items()))
+    for (t, fixed), table in zip(act_fixed.items(), tables):
+        size = max(1, int(round(hists[t].total / max(n_samples, 1))))
         units.append(A.Unit("act", t, size, table, 1.0, fixed))
     return units
 

@@ -3,6 +3,8 @@ activations fixed point or log, bias int32."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -138,7 +140,18 @@ def choose_weight(w: np.ndarray, bits: int, granularity: str, axis: Optional[int
 
 
 def choose_activation(hist: TensorHistogram, bits: int, mode: str, log_margin_db: float) -> ActDecision:
-    """Fixed point or log for an activation tensor, by SQNR on its histogram."""
+    """Fixed point or log for an activation tensor, by SQNR on its histogram.
+
+    Remembered on the histogram (mixed precision asks again for every candidate model);
+    callers get their own copy.
+    """
+    key = ("activation", bits, mode, log_margin_db)
+    if key not in hist.derived:
+        hist.derived[key] = _choose_activation(hist, bits, mode, log_margin_db)
+    return dataclasses.replace(hist.derived[key])
+
+
+def _choose_activation(hist: TensorHistogram, bits: int, mode: str, log_margin_db: float) -> ActDecision:
     bins = hist.bins()
     signed = hist.signed
     common = dict(tensor=hist.name, bits=bits, signed=signed, min=float(hist.min), max=float(hist.max))
@@ -198,7 +211,7 @@ def _with_bias(sig: float, err: np.ndarray, delta: Optional[np.ndarray]) -> floa
 
 def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig,
                  mean_in: Optional[np.ndarray] = None, sample: Optional[np.ndarray] = None,
-                 model_cost: float = float("inf")) -> LayerDecision:
+                 model_cost: float = float("inf"), hist: Optional[TensorHistogram] = None) -> LayerDecision:
     """All decisions for one layer whose input quantizer is ``act``.
 
     With ``config.bias_correction`` and the input's per-channel means, the bias is corrected
@@ -208,6 +221,7 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     ``config.rounding`` the weights are rounded for the layer's output error
     (:mod:`mxqn_onnx.lowbit.rounding`), and the layer's output SQNR is measured on those inputs;
     ``model_cost`` is the whole model's estimated rounding cost (see ``rounds_with_data``).
+    ``hist`` (the input's histogram) remembers the input quantizer's mean error per channel.
     """
     w = layer.weight
     wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db,
@@ -245,7 +259,7 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
         if b is None:
             out_axis = 0 if layer.op == "Conv" or int(layer.node.attrs.get("transB", 0)) else 1
             b = np.zeros(w.shape[out_axis], dtype=np.float32)
-        shift = correction.output_shift(layer, w, wq, mean_in, _input_mean_error(layer, act, sample, mean_in))
+        shift = correction.output_shift(layer, w, wq, mean_in, _input_mean_error(layer, act, sample, mean_in, hist))
         if shift is not None:
             b = (b.astype(np.float64) - shift).astype(np.float32)
             dec.bias_values = b
@@ -261,7 +275,8 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     return dec
 
 
-def _input_mean_error(layer: Layer, act: ActDecision, sample: Optional[np.ndarray], mean_in: np.ndarray):
+def _input_mean_error(layer: Layer, act: ActDecision, sample: Optional[np.ndarray], mean_in: np.ndarray,
+                      hist: Optional[TensorHistogram] = None):
     """Mean of ``Q(x) - x`` per input channel, from the kept samples when there are any.
 
     A coarse quantizer zeroes a small-valued channel (error ``-E[x_c]``) while barely moving a
@@ -271,9 +286,15 @@ def _input_mean_error(layer: Layer, act: ActDecision, sample: Optional[np.ndarra
     axis = correction.input_channel_axis(layer)
     if sample is None or axis is None or sample.ndim <= axis or sample.shape[axis] != len(mean_in):
         return act.mean_error
+    key = ("input_mean_error", axis, sample.shape, act.kind, act.bits, act.signed, act.frac, act.k, act.E)
+    if hist is not None and key in hist.derived:
+        return hist.derived[key]
     err = act.quantize(sample) - sample
     other = tuple(i for i in range(err.ndim) if i != axis)
-    return err.mean(axis=other, dtype=np.float64)
+    out = err.mean(axis=other, dtype=np.float64)
+    if hist is not None:
+        hist.derived[key] = out
+    return out
 
 
 #: input rows for the per-layer output measurements of the report
@@ -349,7 +370,7 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
         decisions = list(pool.map(
             lambda il: decide_layer(il[1], acts[il[1].data.name], bits_for[il[0]][0], config,
                                     _mean_in(il[1].data.name, hists, means), samples.get(il[1].data.name),
-                                    cost),
+                                    cost, hists[il[1].data.name]),
             enumerate(layers)))
     return decisions, acts
 

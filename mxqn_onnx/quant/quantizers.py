@@ -140,33 +140,36 @@ def log_levels(bits: int, k: int, E: int, signed: bool) -> np.ndarray:
     return pow2((E - np.arange(m, dtype=np.float64)) / 2.0**k)
 
 
+def log_tables(bits: int, k: int, E: int, signed: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """``(V, T)``: zero and the M levels ascending, and the decision thresholds between
+    neighbours, ``T[j] = (V[j] + V[j+1]) / 2`` (float32, rounded as the ``LogQuant`` body does)."""
+    levels = log_levels(bits, k, E, signed)[::-1]
+    v = np.concatenate([np.zeros(1, np.float32), levels]).astype(np.float32)
+    return v, ((v[:-1] + v[1:]) * np.float32(0.5)).astype(np.float32)
+
+
 def log_quantize(x: np.ndarray, bits: int, k: int, E: int, signed: bool) -> np.ndarray:
     """Log quantize-dequantize, float32, bit-exact with the ``LogQuant`` op.
 
-    The nearest level is found in the linear domain: ``n = floor(log2|x| * 2^k)`` brackets
-    ``|x|`` between ``2^(n/2^k)`` and ``2^((n+1)/2^k)``, and the midpoint of the two decides.
-    An ``n`` off by one (log rounding) still yields the same level, so the result depends only
-    on the exactly computed levels and midpoints.
+    The nearest level is decided in the linear domain by the thresholds of
+    :func:`log_tables` (a tie goes up). ``j = floor(log2|x| * 2^k)`` (relative to the table)
+    only picks which threshold to test: a ``j`` off by one from log rounding lies next to a
+    level, far from any threshold, and gives the same code, so the result depends only on the
+    exactly computed levels and thresholds. The ``LogQuant`` body runs the same steps.
     """
     x = np.asarray(x, dtype=np.float32)
     m = log_num_levels(bits, signed)
-    steps = float(2**k)
-    n_lo, n_hi = float(E - m + 1), float(E)
+    v, thr = log_tables(bits, k, E, signed)
     a = np.abs(x)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        n = np.floor(np.log2(a.astype(np.float64)) * steps)
-        n = np.maximum(n, n_lo - 1.0)  # log(0) = -inf; the zero test below decides
-        lower = pow2(n / steps)
-        upper = pow2((n + 1.0) / steps)
-        mid = (lower + upper) * np.float32(0.5)
-        n_sel = np.where(a >= mid, n + 1.0, n)
-        q = pow2(np.clip(n_sel, n_lo, n_hi) / steps)
-        l_min = pow2(n_lo / steps)
-        q = np.where(a < l_min * np.float32(0.5), np.float32(0.0), q)
-    sign = np.sign(x)
-    if not signed:
-        sign = np.maximum(sign, np.float32(0.0))
-    return (q * sign).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.log2(a) * np.float32(2.0**k) - np.float32(E - m)
+    # fmin/fmax (not clip) send NaN to a valid index: NaN inputs give no exception
+    j = np.fmax(np.fmin(t, np.float32(m - 1)), np.float32(0.0)).astype(np.intp)
+    q = v[j + (a >= thr[j])]
+    negative = x < 0
+    if np.any(negative):
+        q = np.where(negative, -q if signed else np.float32(0.0), q)
+    return q.astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------- choices

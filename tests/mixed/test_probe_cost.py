@@ -100,3 +100,57 @@ def test_cropped_probe_measures_what_the_whole_image_does(photos, monkeypatch):
     # width of a random-weight net)
     assert 0.8 < np.median(ratios) < 1.25, np.sort(ratios)
     assert np.all((ratios > 1 / 3) & (ratios < 3)), np.sort(ratios)
+
+
+def _gemm_net(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> Flatten -> Gemm (transB) -> MatMul with the weight first (a transposed layout)."""
+    rng = np.random.default_rng(seed)
+
+    def w(name, *shape):
+        return onnx.numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], group=1),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Flatten", ["r1"], ["f"]),
+        helper.make_node("Gemm", ["f", "w2", "b2"], ["g"], transB=1, alpha=0.5, beta=2.0),
+        helper.make_node("Transpose", ["g"], ["gt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["w3", "gt"], ["y"]),
+    ]
+    inits = [w("w1", 4, 3, 3, 3), w("b1", 4), w("w2", 10, 4 * 6 * 6), w("b2", 10), w("w3", 5, 10)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 2])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_weight_error_at_the_output_equals_perturbing_the_weight():
+    """The probe adds op(x, e_W) at a layer's output instead of putting W + e_W in the graph
+    (so weights stay constant); both must give the same output noise."""
+    import onnxruntime as ort
+
+    from mxqn_onnx.graph.layers import find_layers
+    from mxqn_onnx.graph.loading import export_fp32, normalise
+
+    src = _gemm_net()
+    graph = normalise(src)
+    layers, _ = find_layers(graph)
+    assert {l.op for l in layers} >= {"Conv", "Gemm", "MatMul"}
+    fp32 = export_fp32(graph, src)
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    probe = S.QuantizerProbe(fp32, layers, [feed], [l.data.name for l in layers])
+    rng = np.random.default_rng(2)
+    for layer in layers:
+        e = (rng.standard_normal(layer.weight.shape) * 0.05).astype(np.float32)
+        key = ("weight", layer.name)
+        got = probe.run({layer.name: e}, {}, {key: 1.0}, only={key})[key]
+        # the same error put into the weight itself
+        changed = onnx.ModelProto.FromString(fp32.SerializeToString())
+        wname = layer.node.inputs[layer.weight_index].name
+        for init in changed.graph.initializer:
+            if init.name == wname:
+                init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) + e, wname))
+        ref = ort.InferenceSession(fp32.SerializeToString()).run(None, feed)[0].astype(np.float64)
+        out = ort.InferenceSession(changed.SerializeToString()).run(None, feed)[0].astype(np.float64)
+        want = np.sum((out - ref) ** 2) / np.sum(ref ** 2)
+        assert want > 1e-6
+        assert got == pytest.approx(want, rel=1e-3), layer.op

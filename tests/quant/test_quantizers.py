@@ -137,3 +137,35 @@ def test_choice_heavy_tail_gets_log_uniform_gets_fixed():
 def test_combine_sqnr_additive_noise():
     assert Q.combine_sqnr_db([30.0, 30.0]) == pytest.approx(30.0 - 10 * np.log10(2))
     assert Q.combine_sqnr_db([40.0]) == pytest.approx(40.0)
+
+
+def _log_quantize_by_definition(x, bits, k, E, signed):
+    """The quantizer as DESIGN.md defines it: nearest level 2^(n/2^k) in the linear domain,
+    from the bracketing exponents (the implementation uses tables instead)."""
+    x = np.asarray(x, dtype=np.float32)
+    m = Q.log_num_levels(bits, signed)
+    steps = float(2**k)
+    n_lo, n_hi = float(E - m + 1), float(E)
+    a = np.abs(x)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        n = np.floor(np.log2(a.astype(np.float64)) * steps)
+        n = np.maximum(n, n_lo - 1.0)
+        lower, upper = Q.pow2(n / steps), Q.pow2((n + 1.0) / steps)
+        mid = (lower + upper) * np.float32(0.5)
+        q = Q.pow2(np.clip(np.where(a >= mid, n + 1.0, n), n_lo, n_hi) / steps)
+        q = np.where(a < Q.pow2(n_lo / steps) * np.float32(0.5), np.float32(0.0), q)
+    sign = np.sign(x) if signed else np.maximum(np.sign(x), np.float32(0.0))
+    return (q * sign).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("signed", [False, True])
+def test_log_quantize_tables_match_the_definition(bits, signed):
+    rng = np.random.default_rng(bits)
+    x = (rng.standard_normal(50_000) * rng.lognormal(0, 3, 50_000)).astype(np.float32)
+    x = np.concatenate([x, np.float32([0.0, -0.0, 1e-38, -1e-38, 1e-45, 3e38, -3e38])])
+    for k in range(Q.log_max_k(bits) + 1):
+        for E in (-140 * 2**k, -3, 0, 5 * 2**k):
+            np.testing.assert_array_equal(Q.log_quantize(x, bits, k, E, signed),
+                                          _log_quantize_by_definition(x, bits, k, E, signed),
+                                          err_msg=f"bits={bits} k={k} E={E}")
