@@ -84,6 +84,8 @@ class QuantResult:
     bias_means: str = "data"
     #: cross-layer equalization: pairs, channels and per-layer weight SQNR before/after (None: off)
     equalization: Optional[dict] = None
+    #: the held-back check of the data-derived defaults: samples, SQNR per candidate, kept
+    holdout: Optional[dict] = None
 
     @property
     def measured_sqnr_db(self) -> Optional[float]:
@@ -96,6 +98,8 @@ class QuantResult:
             d["allocation"] = _finite(self.allocation)
         if self.equalization is not None:
             d["equalization"] = _finite(self.equalization)
+        if self.holdout is not None:
+            d["holdout"] = _finite(self.holdout)
         return d
 
     def _decisions(self) -> dict:
@@ -264,13 +268,17 @@ def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantCo
     t_mixed = time.perf_counter()
 
     decisions, acts = _choose(layers, stats, outcome, config)
-    stats.samples = {}  # the data-aware steps are done with the kept layer inputs
     t_choose = time.perf_counter()
 
     result = _result(source_model, prepared, layers, skipped, decisions, acts, stats, outcome, config)
+    pristine = prepared.graph.copy() if stats.held_back else None  # rewrite edits the graph it gets
     result.model = _rewrite(prepared.graph, layers, result, source_model)
-    result.size_after = result.model.ByteSize()
     t_rewrite = time.perf_counter()
+    if pristine is not None:
+        result = _check_on_held_back(result, pristine, prepared, skipped, stats, source_model, source, config)
+    stats.samples = {}  # the data-aware steps are done with the kept layer inputs
+    result.size_after = result.model.ByteSize()
+    t_holdout = time.perf_counter()
 
     result.comparison = _verify(result.model, source_model, source, stats.kept, stats.references, config,
                                 outcome)
@@ -280,7 +288,8 @@ def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantCo
         "choose": t_choose - t_mixed,
         # summed over layers (they run on several threads, so it can exceed "choose")
         "rounding_layer_seconds": sum(d.rounding_seconds for d in decisions),
-        "rewrite": t_rewrite - t_choose, "convert_total": t_rewrite - t0, "verify": t_verify - t_rewrite,
+        "rewrite": t_rewrite - t_choose, "holdout": t_holdout - t_rewrite, "convert_total": t_holdout - t0,
+        "verify": t_verify - t_holdout,
     }
     return result
 
@@ -348,6 +357,7 @@ class _Statistics:
     means: Optional[Dict[str, np.ndarray]]  # input channel means from BatchNorm priors (None: data)
     bias_means: str  # where bias correction takes its input means, as reported
     references: Optional[ReferenceOutputs] = None  # FP32 outputs of the first samples (verification)
+    held_back: int = 0  # first samples kept out of the channel means and kept samples (holdout)
 
 
 def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], source: DataSource,
@@ -375,10 +385,11 @@ def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], 
     # the FP32 outputs of the samples verification will use come with this run
     references = ReferenceOutputs([o.name for o in fp32.graph.output],
                                   config.verify_count if config.verify else 0)
+    held_back = held_back_count(config, source)
     hists, n_samples, kept = collect_histograms(
         fp32, tensors, source, config.calib_count, progress,
         keep_batches=keep if (config.verify or config.allocation_mode is not None) else 0,
-        channel_axes=channel_axes, samples=samples, references=references)
+        channel_axes=channel_axes, samples=samples, references=references, held_back=held_back)
     arrays = {t: a for t, a in ((t, s.array()) for t, s in samples.items()) if a is not None}
     # data-free bias correction: channel means from the BatchNorm priors instead of the data;
     # equalization rescaled the BN outputs' channels, so the priors no longer describe them
@@ -388,7 +399,87 @@ def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], 
             means, bias_means = correction.prior_input_means(prepared.graph, prepared.priors), "batchnorm"
         else:
             means, bias_means = {}, "none (BatchNorm priors do not hold after equalization)"
-    return _Statistics(hists, n_samples, kept, arrays, means, bias_means, references)
+    return _Statistics(hists, n_samples, kept, arrays, means, bias_means, references, held_back)
+
+
+#: held-back samples: a quarter of the calibration set, within these bounds
+HELD_BACK_MIN, HELD_BACK_MAX = 2, 16
+
+
+def held_back_count(config: QuantConfig, source: DataSource) -> int:
+    """How many of the first calibration samples are held back (0: no check).
+
+    Only where the check can run: verification on, uniform widths (mixed precision measures
+    its own candidates), a known sample count of at least 4 * HELD_BACK_MIN, and something
+    data-derived to check (bias correction from data means, or data-aware rounding).
+    """
+    if not config.holdout or not config.verify or config.allocation_mode is not None:
+        return 0
+    total = min(x for x in (config.calib_count, source.total) if x is not None) \
+        if (config.calib_count or source.total) else None
+    if total is None or total < 4 * HELD_BACK_MIN:
+        return 0
+    if not config.bias_correction and config.rounding == "nearest":
+        return 0
+    return int(min(HELD_BACK_MAX, max(HELD_BACK_MIN, total // 4)))
+
+
+def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepared", skipped: List[Skipped],
+                        stats: "_Statistics", source_model: onnx.ModelProto, source: DataSource,
+                        config: QuantConfig) -> QuantResult:
+    """Stage 7b: keep the data-derived defaults only where they help on held-back samples.
+
+    Bias correction's channel means and data-aware rounding's samples came from the other
+    calibration samples; here the default conversion, the one without bias correction and the
+    paper's plain method (no bias correction, round to nearest) are compared by output SQNR on
+    the held-back samples, and the best is kept (a tie keeps the default). Candidates that
+    would equal one already built are not built.
+    """
+    used_bc = any(d.bias_correction for d in default.layers)
+    used_rounding = any(d.weight.rounding != "nearest" for d in default.layers)
+    variants = [("default", None)]
+    if used_bc:
+        variants.append(("no bias correction", dataclasses.replace(config, bias_correction=False)))
+    if used_rounding or (used_bc and config.act_objective != "tensor"):
+        variants.append(("paper", dataclasses.replace(config, bias_correction=False, rounding="nearest",
+                                                      act_objective="tensor")))
+    record: dict = {"held_back_samples": stats.held_back, "sqnr_db": {}, "kept": "default"}
+    if len(variants) == 1:
+        record["note"] = "nothing data-derived to check"
+        default.holdout = record
+        return default
+    feeds = _first_samples(source, stats.kept, stats.held_back)
+    best, best_db = default, None
+    for name, cfg in variants:
+        if cfg is None:
+            cand = default
+        else:
+            g = graph.copy()
+            ls, _ = _keep_float(find_layers(g, cfg.exclude)[0], [], cfg)
+            d, a = choose_all(ls, stats.hists, cfg, None, stats.samples, stats.means)
+            cand = _result(source_model, prepared, ls, skipped, d, a, stats, None, cfg)
+            cand.model = _rewrite(g, ls, cand, source_model)
+        db = compare(source_model, cand.model, iter(feeds), kept=stats.references).output_sqnr_db
+        record["sqnr_db"][name] = db
+        if best_db is None or db > best_db:
+            best, best_db, record["kept"] = cand, db, name
+    best.holdout = record
+    _set_metadata(best.model, best.decisions())
+    return best
+
+
+def _first_samples(source: DataSource, kept: list, count: int) -> list:
+    """The first ``count`` calibration samples as feeds (from the source, or the kept batches)."""
+    batches = source.batches(count) if source.reiterable else iter(kept)
+    out, n = [], 0
+    for b in batches:
+        m = int(np.asarray(next(iter(b.values()))).shape[0])
+        take = min(m, count - n)
+        out.append(b if take == m else {k: np.asarray(v)[:take] for k, v in b.items()})
+        n += take
+        if n >= count:
+            break
+    return out
 
 
 def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped], stats: _Statistics,

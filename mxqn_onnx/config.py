@@ -68,6 +68,12 @@ class QuantConfig:
         equalize: cross-layer equalization before calibration (:mod:`mxqn_onnx.lowbit.align`):
             ``off``, ``pow2`` (power-of-two factors: the FP32 function is exactly kept) or
             ``float``.
+        holdout: hold back the first calibration samples (a quarter, 2 to 16) from the channel
+            means of bias correction and from the samples of data-aware rounding, then keep
+            the default, or the conversion without bias correction, or the paper's plain
+            method (no bias correction, round to nearest), whichever has the best output SQNR
+            on those held-back samples. Needs ``verify``; off with mixed precision (whose own
+            measurement decides).
         data_samples: calibration samples whose layer inputs are kept for the data-aware
             steps (rounding, the output objective, per-layer output measurements); fewer
             when they would exceed 256 MB.
@@ -121,6 +127,7 @@ class QuantConfig:
     rounding: str = "auto"
     act_objective: str = "tensor"
     equalize: str = "off"
+    holdout: bool = True
     data_samples: int = 128
     allow_empty: bool = False
     format: str = "mxqn"
@@ -165,6 +172,8 @@ class QuantConfig:
         if self.data_samples == 0 and (self.rounding == "gptq" or self.act_objective == "output"):
             what = "rounding gptq" if self.rounding == "gptq" else "act_objective output"
             raise MxqnError(f"{what} needs kept calibration samples; data_samples must be at least 1")
+        if not isinstance(self.holdout, bool):
+            raise MxqnError(f"holdout must be True or False, got {self.holdout!r}")
         if self.act_quant not in ACT_MODES:
             raise MxqnError(f"act_quant must be one of {', '.join(ACT_MODES)}, got {self.act_quant!r}")
         for name in ("channel_gain_db", "log_margin_db"):

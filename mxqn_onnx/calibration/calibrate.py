@@ -75,6 +75,7 @@ def collect_histograms(
     samples: Optional[Dict[str, TensorSample]] = None,
     sample_budget: int = SAMPLE_BUDGET,
     references: Optional[ReferenceOutputs] = None,
+    held_back: int = 0,
 ) -> tuple:
     """Histograms of ``tensors`` over the calibration data, batch by batch.
 
@@ -90,6 +91,8 @@ def collect_histograms(
     are lowered so that each holds at most an equal share of ``sample_budget`` bytes.
     ``references``: filled with the model's own outputs of the first samples (verification
     then runs only the quantized model).
+    ``held_back``: the first samples count in the histograms but not in the channel means or
+    the kept samples (they judge the data-derived steps, see ``QuantConfig.holdout``).
     """
     input_names = {s.name for s in source.specs}
     observed = [t for t in dict.fromkeys(tensors) if t not in input_names]
@@ -101,17 +104,21 @@ def collect_histograms(
     hists: Dict[str, TensorHistogram] = {t: TensorHistogram(t, channel_axes.get(t)) for t in dict.fromkeys(tensors)}
     observed_inputs = [n for n in hists if n in input_names]
 
-    def add(outs: list, feed: dict) -> None:
+    def add(outs: list, feed: dict, start: int, m: int) -> None:
+        skip = max(0, min(m, held_back - start))
+
+        def rows(a) -> int:  # held-back rows of this tensor (none without a batch axis of m)
+            return skip if np.ndim(a) and np.shape(a)[0] == m else 0
         try:
             for i, name in enumerate(observed):
-                hists[name].update(outs[i], sample_cap)
+                hists[name].update(outs[i], sample_cap, rows(outs[i]))
                 if name in samples:
-                    samples[name].update(outs[i])
+                    samples[name].update(outs[i], rows(outs[i]))
                 outs[i] = None  # free each tensor as soon as it is counted
             for name in observed_inputs:
-                hists[name].update(feed[name], sample_cap)
+                hists[name].update(feed[name], sample_cap, rows(feed[name]))
                 if name in samples:
-                    samples[name].update(feed[name])
+                    samples[name].update(feed[name], rows(feed[name]))
         except NonFiniteError as exc:
             raise MxqnError(str(exc)) from None
 
@@ -137,6 +144,7 @@ def collect_histograms(
                     return n  # the model takes exactly its fixed batch (the source already cut to it)
                 return 1 if per_sample is None else max(1, int(output_budget // max(per_sample, 1.0)))
 
+            start = n_samples
             for part, m in _split(feed, n, size):
                 try:
                     outs = runner.run(part)
@@ -150,7 +158,8 @@ def collect_histograms(
                     _fit_samples(samples, {k: v for k, v in zip(observed, outs)}, part, m, sample_budget)
                 if pending is not None:
                     pending.result()  # re-raises a worker's error here
-                pending = pool.submit(add, outs, part)
+                pending = pool.submit(add, outs, part, start, m)
+                start += m
                 del outs
             n_samples += n
             if kept_n < keep_batches:

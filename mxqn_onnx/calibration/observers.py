@@ -95,13 +95,14 @@ class TensorHistogram:
     def total(self) -> int:
         return int(self.counts.sum())
 
-    def update(self, x: np.ndarray, max_elements: Optional[int] = None) -> None:
+    def update(self, x: np.ndarray, max_elements: Optional[int] = None, channel_skip: int = 0) -> None:
         """Add a batch of values (any shape, cast to float32).
 
         With ``max_elements``, a tensor larger than that is histogrammed from every s-th value
         (``s`` the smallest stride giving at most ``max_elements`` values and sharing no factor
         with any dimension, so the sample cycles through every row, column and channel), each
         counted ``s`` times. Without it (the default) every value is counted.
+        ``channel_skip``: leading rows (samples) left out of the channel sums (held back).
         """
         self.derived.clear()
         batch = np.ascontiguousarray(x, dtype=np.float32)
@@ -127,7 +128,10 @@ class TensorHistogram:
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         if self.channel_axis is not None and batch.ndim > self.channel_axis:
-            self._add_channel_sums(batch)
+            if channel_skip and batch.ndim > 1 and self.channel_axis % batch.ndim != 0:
+                batch = batch[channel_skip:]
+            if batch.size:
+                self._add_channel_sums(batch)
 
     def _add_channel_sums(self, batch: np.ndarray) -> None:
         axis = self.channel_axis % batch.ndim
@@ -210,10 +214,13 @@ class TensorSample:
         self.parts: list = []
         self.have = 0
 
-    def update(self, x: np.ndarray) -> None:
-        """Keep the leading rows of ``x`` until ``count`` samples are held (always a copy:
-        calibration reuses its output buffers)."""
+    def update(self, x: np.ndarray, skip: int = 0) -> None:
+        """Keep the leading rows of ``x`` (after ``skip`` held-back ones) until ``count``
+        samples are held (always a copy: calibration reuses its output buffers)."""
         if self.have >= self.count or np.ndim(x) == 0:
+            return
+        x = x[skip:]
+        if len(x) == 0:
             return
         take = np.array(x[: self.count - self.have], dtype=np.float32)
         self.parts.append(take)

@@ -131,6 +131,11 @@ def summary_lines(report: dict) -> list:
         lines.append(f"techniques: bias correction {bias}, rounding {cfg.get('rounding', 'nearest')}, "
                      f"activation objective {cfg.get('act_objective', 'tensor')}, "
                      f"equalization {cfg.get('equalize', 'off')}")
+    ho = report.get("holdout")
+    if ho and ho.get("sqnr_db"):
+        each = ", ".join(f"{k} {_db(v)} dB" for k, v in ho["sqnr_db"].items())
+        lines.append(f"checked on {ho['held_back_samples']} held-back calibration samples: {each}; "
+                     f"kept {ho['kept']}")
     for s in report["float_layers"]:
         lines.append(f"left in float: {s['name']} ({s['op']}): {s['reason']}")
     lines.extend(allocation_lines(report.get("allocation")))

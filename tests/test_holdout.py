@@ -1,0 +1,87 @@
+"""Data-derived defaults are checked on held-back calibration samples (QuantConfig.holdout)."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import mxqn_onnx
+from mxqn_onnx.calibration.calibrate import collect_histograms
+from mxqn_onnx.calibration.data import input_specs, make_source
+from mxqn_onnx.calibration.observers import TensorHistogram, TensorSample
+
+
+def _conv_net(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((16, 8, 1, 1)) * 0.4).astype(np.float32)
+    w2 = (rng.standard_normal((4, 16, 3, 3)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    inits = [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(np.zeros(16, np.float32), "b1"),
+             onnx.numpy_helper.from_array(w2, "w2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 6, 6])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_held_back_rows_stay_out_of_channel_means_and_samples():
+    x = np.arange(6 * 3 * 4, dtype=np.float32).reshape(6, 3, 4)
+    h = TensorHistogram("t", channel_axis=1)
+    h.update(x, channel_skip=2)
+    np.testing.assert_allclose(h.channel_mean, x[2:].mean(axis=(0, 2)))
+    assert h.total == x.size  # the histogram itself counts every value
+    s = TensorSample("t", 3)
+    s.update(x, skip=2)
+    np.testing.assert_array_equal(s.array(), x[2:5])
+
+
+def test_collect_histograms_holds_back_the_first_samples():
+    model = _conv_net()
+    x = np.random.default_rng(0).standard_normal((12, 8, 6, 6)).astype(np.float32)
+    x[:4] += 5.0  # the held-back samples differ: their values must not reach the means
+    source = make_source({"x": x}, input_specs(model), 5)
+    hists, n, _ = collect_histograms(model, ["x"], source, channel_axes={"x": 1}, held_back=4,
+                                     output_budget=x[0].nbytes * 3)
+    assert n == 12
+    np.testing.assert_allclose(hists["x"].channel_mean, x[4:].mean(axis=(0, 2, 3)), rtol=1e-5)
+
+
+def test_bias_correction_dropped_where_held_back_samples_disagree(tmp_path):
+    """Planted: the channel means of the held-back quarter are the opposite of the rest's, so
+    the correction estimated on the rest makes the held-back error worse; the check must
+    notice and keep a candidate without it, and the model must be that candidate."""
+    model = _conv_net()
+    rng = np.random.default_rng(1)
+    x = np.abs(rng.standard_normal((32, 8, 6, 6))).astype(np.float32) + 2.0
+    x[:8] = -x[:8]  # held back: 8 of 32
+    res = mxqn_onnx.quantize(model, {"x": x}, wbits=3, abits=8, act_quant="fixed")
+    ho = res.holdout
+    assert ho["held_back_samples"] == 8
+    assert ho["sqnr_db"]["no bias correction"] > ho["sqnr_db"]["default"]
+    assert ho["kept"] != "default"
+    assert not any(d.bias_correction for d in res.layers)
+    stored = mxqn_onnx.api.json.loads(dict((p.key, p.value) for p in res.model.metadata_props)["mxqn"])
+    assert stored["holdout"]["kept"] == ho["kept"]
+    # the same data without the check keeps the (harmful) correction
+    off = mxqn_onnx.quantize(model, {"x": x}, wbits=3, abits=8, act_quant="fixed", holdout=False)
+    assert off.holdout is None and any(d.bias_correction for d in off.layers)
+
+
+def test_kept_candidate_is_the_best_on_held_back_samples(digits_model, digits_calib):
+    res = mxqn_onnx.quantize(digits_model, digits_calib, wbits=4, abits=8)
+    ho = res.holdout
+    assert ho is not None and len(ho["sqnr_db"]) >= 2
+    assert ho["sqnr_db"][ho["kept"]] == max(ho["sqnr_db"].values())
+
+
+def test_no_holdout_with_few_samples_or_without_verification(digits_model, digits_calib):
+    x = np.load(digits_calib)
+    few = {k: x[k][:6] for k in x.files if k != "labels"}
+    assert mxqn_onnx.quantize(digits_model, few).holdout is None
+    assert mxqn_onnx.quantize(digits_model, digits_calib, verify=False).holdout is None
+
+
+def test_holdout_flag_is_validated():
+    with pytest.raises(mxqn_onnx.MxqnError, match="holdout"):
+        mxqn_onnx.quantize(_conv_net(), "random", holdout="yes")
