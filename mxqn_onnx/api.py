@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 
 from ._version import __version__
 from .calibration.calibrate import collect_histograms
-from .calibration.data import CalibrationLike, DataSource, input_specs, make_source
+from .calibration.data import CalibrationLike, DataSource, first_samples, held_back_count, input_specs, make_source
 from .calibration.observers import ReferenceOutputs, TensorHistogram, TensorSample
 from .config import QuantConfig
 from .errors import MxqnError
@@ -402,28 +402,6 @@ def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], 
     return _Statistics(hists, n_samples, kept, arrays, means, bias_means, references, held_back)
 
 
-#: held-back samples: a quarter of the calibration set, within these bounds
-HELD_BACK_MIN, HELD_BACK_MAX = 2, 16
-
-
-def held_back_count(config: QuantConfig, source: DataSource) -> int:
-    """How many of the first calibration samples are held back (0: no check).
-
-    Only where the check can run: verification on, uniform widths (mixed precision measures
-    its own candidates), a known sample count of at least 4 * HELD_BACK_MIN, and something
-    data-derived to check (bias correction from data means, or data-aware rounding).
-    """
-    if not config.holdout or not config.verify or config.allocation_mode is not None:
-        return 0
-    total = min(x for x in (config.calib_count, source.total) if x is not None) \
-        if (config.calib_count or source.total) else None
-    if total is None or total < 4 * HELD_BACK_MIN:
-        return 0
-    if not config.bias_correction and config.rounding == "nearest":
-        return 0
-    return int(min(HELD_BACK_MAX, max(HELD_BACK_MIN, total // 4)))
-
-
 def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepared", skipped: List[Skipped],
                         stats: "_Statistics", source_model: onnx.ModelProto, source: DataSource,
                         config: QuantConfig) -> QuantResult:
@@ -448,7 +426,7 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
         record["note"] = "nothing data-derived to check"
         default.holdout = record
         return default
-    feeds = _first_samples(source, stats.kept, stats.held_back)
+    feeds = first_samples(source, stats.kept, stats.held_back)
     best, best_db = default, None
     for name, cfg in variants:
         if cfg is None:
@@ -466,20 +444,6 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     best.holdout = record
     _set_metadata(best.model, best.decisions())
     return best
-
-
-def _first_samples(source: DataSource, kept: list, count: int) -> list:
-    """The first ``count`` calibration samples as feeds (from the source, or the kept batches)."""
-    batches = source.batches(count) if source.reiterable else iter(kept)
-    out, n = [], 0
-    for b in batches:
-        m = int(np.asarray(next(iter(b.values()))).shape[0])
-        take = min(m, count - n)
-        out.append(b if take == m else {k: np.asarray(v)[:take] for k, v in b.items()})
-        n += take
-        if n >= count:
-            break
-    return out
 
 
 def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped], stats: _Statistics,

@@ -384,3 +384,39 @@ def _dispatch(data, specs, batch_size, preprocess, image_size, random_count) -> 
         f"cannot use a {type(data).__name__} as calibration data; give a path, an array, "
         "a dict of arrays, an iterable of feeds or a CalibrationDataReader"
     )
+
+
+#: held-back samples: a quarter of the calibration set, within these bounds
+HELD_BACK_MIN, HELD_BACK_MAX = 2, 16
+
+
+def held_back_count(config, source: DataSource) -> int:
+    """How many of the first calibration samples are held back (0: no check).
+
+    Only where the check can run: verification on, uniform widths (mixed precision measures
+    its own candidates), a known sample count of at least 4 * HELD_BACK_MIN, and something
+    data-derived to check (bias correction from data means, or data-aware rounding).
+    """
+    if not config.holdout or not config.verify or config.allocation_mode is not None:
+        return 0
+    total = min(x for x in (config.calib_count, source.total) if x is not None) \
+        if (config.calib_count or source.total) else None
+    if total is None or total < 4 * HELD_BACK_MIN:
+        return 0
+    if not config.bias_correction and config.rounding == "nearest":
+        return 0
+    return int(min(HELD_BACK_MAX, max(HELD_BACK_MIN, total // 4)))
+
+
+def first_samples(source: DataSource, kept: list, count: int) -> list:
+    """The first ``count`` calibration samples as feeds (from the source, or the kept batches)."""
+    batches = source.batches(count) if source.reiterable else iter(kept)
+    out, n = [], 0
+    for b in batches:
+        m = int(np.asarray(next(iter(b.values()))).shape[0])
+        take = min(m, count - n)
+        out.append(b if take == m else {k: np.asarray(v)[:take] for k, v in b.items()})
+        n += take
+        if n >= count:
+            break
+    return out
