@@ -86,6 +86,8 @@ class QuantResult:
     equalization: Optional[dict] = None
     #: the held-back check of the data-derived defaults: samples, SQNR per candidate, kept
     holdout: Optional[dict] = None
+    #: the kept candidate's comparison on the held-back samples (verification resumes it)
+    held_back_comparison: Optional[Comparison] = None
 
     @property
     def measured_sqnr_db(self) -> Optional[float]:
@@ -281,7 +283,7 @@ def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantCo
     t_holdout = time.perf_counter()
 
     result.comparison = _verify(result.model, source_model, source, stats.kept, stats.references, config,
-                                outcome)
+                                outcome, result.held_back_comparison)
     t_verify = time.perf_counter()
     result.timings = {
         "load": t_load - t0, "calibrate": t_calib - t_load, "mixed_precision": t_mixed - t_calib,
@@ -437,11 +439,12 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
             d, a = choose_all(ls, stats.hists, cfg, None, stats.samples, stats.means)
             cand = _result(source_model, prepared, ls, skipped, d, a, stats, None, cfg)
             cand.model = _rewrite(g, ls, cand, source_model)
-        db = compare(source_model, cand.model, iter(feeds), kept=stats.references).output_sqnr_db
-        record["sqnr_db"][name] = db
-        if best_db is None or db > best_db:
-            best, best_db, record["kept"] = cand, db, name
+        c = compare(source_model, cand.model, iter(feeds), kept=stats.references)
+        record["sqnr_db"][name] = c.output_sqnr_db
+        if best_db is None or c.output_sqnr_db > best_db:
+            best, best_db, record["kept"], best_c = cand, c.output_sqnr_db, name, c
     best.holdout = record
+    best.held_back_comparison = best_c  # verification goes on from it
     _set_metadata(best.model, best.decisions())
     return best
 
@@ -564,15 +567,16 @@ def _rewrite(graph: gs.Graph, layers: List[Layer], result: QuantResult,
 
 def _verify(qmodel: onnx.ModelProto, source_model: onnx.ModelProto, source: DataSource, kept: list,
             references: Optional[ReferenceOutputs], config: QuantConfig,
-            outcome: Optional[mixed.Outcome]) -> Optional[Comparison]:
+            outcome: Optional[mixed.Outcome], resume: Optional[Comparison] = None) -> Optional[Comparison]:
     """Stage 8: the quantized model's outputs against the FP32 ones on calibration samples
     (None: ``verify`` off). The FP32 outputs come from the calibration run where it kept them;
     the run stops once the output SQNR is known to :data:`VERIFY_TOLERANCE_DB` (its 95%
-    interval is in the comparison). Mixed precision has already measured this very model."""
+    interval is in the comparison). Mixed precision has already measured this very model; the
+    held-back check has measured it on the first samples (``resume``), which are not run again."""
     if outcome is not None and outcome.comparison is not None:
         return outcome.comparison
     if not config.verify:
         return None
     batches = source.batches(min(config.verify_count, config.calib_count or config.verify_count)) \
         if source.reiterable else iter(kept)
-    return compare(source_model, qmodel, batches, kept=references, tolerance_db=VERIFY_TOLERANCE_DB)
+    return compare(source_model, qmodel, batches, kept=references, tolerance_db=VERIFY_TOLERANCE_DB, resume=resume)

@@ -68,7 +68,7 @@ class QuantConfig:
         equalize: cross-layer equalization before calibration (:mod:`mxqn_onnx.lowbit.align`):
             ``off``, ``pow2`` (power-of-two factors: the FP32 function is exactly kept) or
             ``float``.
-        holdout: hold back the first calibration samples (a quarter, 2 to 16) from the channel
+        holdout: hold back the first calibration samples (a quarter, 2 to 8) from the channel
             means of bias correction and from the samples of data-aware rounding, then keep
             the default, or the conversion without bias correction, or the paper's plain
             method (no bias correction, round to nearest), whichever has the best output SQNR

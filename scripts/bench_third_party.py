@@ -54,6 +54,9 @@ CONFIGS: Dict[str, dict] = {
     "w4a8-default": {"wbits": 4, "abits": 8},
     "w4a8-paper": {"wbits": 4, "abits": 8, **PAPER},
     "w4a4-default": {"wbits": 4, "abits": 4},
+    # diagnosis rows (not in the default set): which side, weights or activations, costs
+    "w8a16-default": {"wbits": 8, "abits": 16},
+    "w16a8-default": {"wbits": 16, "abits": 8},
     "w4a4-paper": {"wbits": 4, "abits": 4, **PAPER},
     "mixed-avg6": {"avg_wbits": 6, "avg_abits": 6},
     "mixed-avg4w": {"avg_wbits": 4, "avg_abits": 8},

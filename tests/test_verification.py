@@ -74,3 +74,15 @@ def test_verification_stops_when_the_sqnr_is_known(digits_model, digits_calib):
     assert full.samples == 256 and not full.stopped_early
     assert lo <= full.output_sqnr_db <= hi
     assert r.report()["measured"]["output_sqnr_db_95"] == [round(lo, 4), round(hi, 4)]
+
+
+def test_verification_goes_on_from_the_held_back_samples(digits_model, digits_calib):
+    """The held-back check measured the written model on the first samples; verification
+    continues from there, and the total equals a fresh run over as many samples."""
+    r = mxqn_onnx.quantize(digits_model, digits_calib, rounding="nearest")
+    n = r.comparison.samples
+    assert r.holdout and n > r.holdout["held_back_samples"]
+    fp32 = load_model(digits_model)
+    fresh = measure.compare(fp32, r.model, make_source(str(digits_calib), input_specs(fp32), 16).batches(n))
+    assert fresh.samples == n
+    assert fresh.output_sqnr_db == pytest.approx(r.comparison.output_sqnr_db, rel=1e-9)

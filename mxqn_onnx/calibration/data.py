@@ -387,7 +387,7 @@ def _dispatch(data, specs, batch_size, preprocess, image_size, random_count) -> 
 
 
 #: held-back samples: a quarter of the calibration set, within these bounds
-HELD_BACK_MIN, HELD_BACK_MAX = 2, 16
+HELD_BACK_MIN, HELD_BACK_MAX = 2, 8
 
 
 def held_back_count(config, source: DataSource) -> int:
@@ -405,7 +405,10 @@ def held_back_count(config, source: DataSource) -> int:
         return 0
     if not config.bias_correction and config.rounding == "nearest":
         return 0
-    return int(min(HELD_BACK_MAX, max(HELD_BACK_MIN, total // 4)))
+    count = int(min(HELD_BACK_MAX, max(HELD_BACK_MIN, total // 4)))
+    b = fixed_batch(source.specs) or 1  # whole batches only, where the model fixes the batch size
+    count = -(-count // b) * b
+    return count if total >= 4 * count else 0
 
 
 def first_samples(source: DataSource, kept: list, count: int) -> list:

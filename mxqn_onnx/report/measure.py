@@ -9,6 +9,7 @@ the per-sample noise and signal, reported with the measurement).
 from __future__ import annotations
 
 import math
+import copy
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -132,13 +133,16 @@ def _chunks(feed: Feed, n: int, splittable: bool = True):
 
 def compare(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Iterable[Feed],
             labels: Optional[np.ndarray] = None, kept: Optional[ReferenceOutputs] = None,
-            tolerance_db: Optional[float] = None, min_samples: int = MIN_VERIFY_SAMPLES) -> Comparison:
+            tolerance_db: Optional[float] = None, min_samples: int = MIN_VERIFY_SAMPLES,
+            resume: Optional[Comparison] = None) -> Comparison:
     """Run both models on ``batches``; the first output's argmax is the predicted class.
 
     ``kept``: FP32 outputs of the first samples (the reference model runs only beyond them).
     ``tolerance_db``: stop once the 95% interval of the output SQNR is within this many dB
     either side, after at least ``min_samples`` samples (None: use every batch; labels and
     accuracy need every batch).
+    ``resume``: a comparison of the same two models on the first samples of ``batches``; those
+    samples are not run again and the measurement goes on from there.
     """
     q_s = make_session(quantized)
     names = [o.name for o in q_s.get_outputs()]
@@ -152,12 +156,22 @@ def compare(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Ite
     inits = {t.name for t in quantized.graph.initializer}
     splittable = not any(i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value > 0
                          for i in quantized.graph.input if i.name not in inits)
-    c = Comparison()
-    offset = 0
+    c = copy.deepcopy(resume) if resume is not None and labels is None else Comparison()
+    skip, pos = c.samples, 0
+    offset = c.samples
     for batch in batches:
         n_batch = int(np.asarray(next(iter(batch.values()))).shape[0]) if batch and \
             np.ndim(next(iter(batch.values()))) else 1
         for feed, m in _chunks(batch, n_batch, splittable):
+            if pos + m <= skip:  # measured already
+                pos += m
+                continue
+            if pos < skip:  # a run across the resumed part: only the rest of it
+                cut = skip - pos
+                if not splittable or not all(np.ndim(v) and np.shape(v)[0] == m for v in feed.values()):
+                    raise ValueError("compare: the resumed samples end inside a batch the model takes whole")
+                feed, m = {k: np.asarray(v)[cut:] for k, v in feed.items()}, m - cut
+            pos += m
             ref = kept.get(offset, m) if kept is not None else None
             if ref is None:
                 if ref_s is None:
