@@ -85,4 +85,5 @@ def test_verification_goes_on_from_the_held_back_samples(digits_model, digits_ca
     fp32 = load_model(digits_model)
     fresh = measure.compare(fp32, r.model, make_source(str(digits_calib), input_specs(fp32), 16).batches(n))
     assert fresh.samples == n
-    assert fresh.output_sqnr_db == pytest.approx(r.comparison.output_sqnr_db, rel=1e-9)
+    # (the FP32 outputs of calibration come from other batch sizes: equal to float rounding)
+    assert fresh.output_sqnr_db == pytest.approx(r.comparison.output_sqnr_db, rel=1e-6)
