@@ -83,7 +83,9 @@ def log_quant_function(opset: int) -> onnx.FunctionProto:
     between ``V[j]`` and ``V[j+1]``; the code is ``j + (|x| >= T[j])``. A ``j`` off by one from
     log rounding lies next to a level, far from any threshold, and gives the same code, so the
     result depends only on the exactly computed levels and thresholds, as in
-    :func:`mxqn_onnx.quantizers.log_quantize`.
+    :func:`mxqn_onnx.quant.quantizers.log_quantize`. The tables are read with
+    ``GatherElements`` on the flattened tensor, and a negative input reads the second half of
+    each table (``-V`` when signed, zeros when not), so no per-element ``Where`` or sign multiply.
     """
     nodes = [
         *_float_attr("b", "bits"),
