@@ -343,6 +343,14 @@ def _find_layers(graph: gs.Graph, config: QuantConfig) -> Tuple[List[Layer], Lis
     return layers, skipped
 
 
+def _layers_of_copy(graph: gs.Graph, config: QuantConfig) -> Tuple[gs.Graph, List[Layer]]:
+    """A copy of the normalised graph and its layers, for a candidate model (rewriting edits
+    the graph it is given; the original stays for the final rewrite)."""
+    g = graph.copy()
+    layers, _ = find_layers(g, config.exclude)
+    return g, _keep_float(layers, [], config)[0]
+
+
 def _keep_float(layers: List[Layer], skipped: List[Skipped], config: QuantConfig):
     return keep_ends_in_float(layers, skipped, config.keep_float and config.keep_first,
                               config.keep_float and config.keep_last)
@@ -434,8 +442,7 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
         if cfg is None:
             cand = default
         else:
-            g = graph.copy()
-            ls, _ = _keep_float(find_layers(g, cfg.exclude)[0], [], cfg)
+            g, ls = _layers_of_copy(graph, cfg)
             d, a = choose_all(ls, stats.hists, cfg, None, stats.samples, stats.means)
             cand = _result(source_model, prepared, ls, skipped, d, a, stats, None, cfg)
             cand.model = _rewrite(g, ls, cand, source_model)
@@ -470,9 +477,7 @@ def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped
     probe = make_probe(fp32, layers, stats.hists, batches(config.probe_count), config, opset)
 
     def build(bits):
-        g = graph.copy()
-        ls, _ = find_layers(g, config.exclude)
-        ls, _ = _keep_float(ls, [], config)
+        g, ls = _layers_of_copy(graph, config)
         d, a = choose_all(ls, stats.hists, config, bits, stats.samples, stats.means)
         meta = QuantResult(onnx.ModelProto(), d, a, skipped, 0.0, None, stats.n_samples, 0, 0,
                            config=config, opset=opset).decisions()

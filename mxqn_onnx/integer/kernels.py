@@ -124,15 +124,13 @@ class LogTable:
         m = Q.log_num_levels(bits, signed)
         self.n_lo = E - m + 1
         self.n = np.arange(self.n_lo, E + 1, dtype=np.int64)
-        steps = 2.0**k
-        self.levels = Q.pow2(self.n / steps)  # float32, ascending
+        # levels (float32, ascending) and decision thresholds exactly as the ONNX function
+        # computes them; the first threshold, between zero and the lowest level, is the dead zone
+        v, thr = Q.log_tables(bits, k, E, signed)
+        self.levels, self.mids, self.zero_below = v[1:], thr[1:], thr[0]
         mant, ex = np.frexp(self.levels.astype(np.float64))
         self.mant = np.rint(np.ldexp(mant, LEVEL_MANTISSA_BITS)).astype(np.int64)
         self.exp = ex.astype(np.int64) - LEVEL_MANTISSA_BITS
-        # decision thresholds, computed in float32 exactly as the ONNX function does
-        lower, upper = self.levels[:-1], self.levels[1:]
-        self.mids = ((lower + upper) * np.float32(0.5)).astype(np.float32)
-        self.zero_below = np.float32(self.levels[0] * np.float32(0.5))
 
     def level_of(self, n: np.ndarray) -> np.ndarray:
         idx = np.clip(np.asarray(n) - self.n_lo, 0, len(self.levels) - 1)

@@ -4,7 +4,6 @@ activations fixed point or log, bias int32."""
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -8,8 +8,8 @@ the per-sample noise and signal, reported with the measurement).
 
 from __future__ import annotations
 
-import math
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
