@@ -12,20 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from ._version import __version__
-from .calibration.calibrate import collect_histograms
+from .calibration.calibrate import collect_histograms, make_session
 from .calibration.data import CalibrationLike, DataSource, first_samples, held_back_count, input_specs, make_source
 from .calibration.observers import ReferenceOutputs, TensorHistogram, TensorSample
 from .config import QuantConfig
@@ -33,10 +31,12 @@ from .errors import MxqnError
 from .graph import functions
 from .graph.containers import weight_container
 from .graph.layers import Layer, Skipped, find_layers, keep_ends_in_float
-from .graph.loading import METADATA_KEY, MIN_OPSET, ModelLike, export_fp32, load_model, normalise, raise_opset
+from .graph.loading import (METADATA_KEY, MIN_OPSET, ModelLike, export_fp32, export_fp32_stubbed, load_model,
+                            normalise, raise_opset)
 from .graph.rewrite import FORMAT_VERSION, rewrite
 from .lowbit import correction
 from .lowbit.align import align_channel_ranges, equalize_and_measure
+from .memory import release_freed_memory
 from .mixed import search as mixed
 from .mixed.search import packed_weight_bytes
 from .mixed.sensitivity import make_probe
@@ -44,6 +44,7 @@ from .quant.choose import ActDecision, LayerDecision, choose_all, model_rounding
 from .quant.quantizers import combine_sqnr_db
 from .report.measure import VERIFY_TOLERANCE_DB, Comparison, compare
 from .report.plots import histogram_summary
+from .writing import save_model_atomic
 
 
 def _finite(x):
@@ -142,45 +143,6 @@ def _with_container(layer: dict, opset: int) -> dict:
     return layer
 
 
-def save_model_atomic(model: onnx.ModelProto, path) -> None:
-    """Write ``model`` to ``path`` atomically (see :func:`write_atomic`)."""
-    write_atomic(path, model.SerializeToString(), "model")
-
-
-def write_atomic(path, data: bytes, what: str) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
-
-    An error or interrupt part-way leaves no output (and an older file at ``path`` intact);
-    errors become one-line :class:`MxqnError` naming ``what`` was being written.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist; create it first"
-        raise MxqnError(f"{folder}: output folder {what}")
-    try:
-        # os.access() says yes to root even on read-only mounts: try the real thing instead
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise MxqnError(f"{folder}: cannot write to the output folder ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        # mkstemp creates the file 0600; give it the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise MxqnError(f"{path}: cannot write the {what} ({exc.strerror or exc}); nothing was written") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def quantize(
     model: ModelLike,
     calibration: CalibrationLike,
@@ -256,17 +218,17 @@ def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantCo
     """One conversion of a loaded model (see :func:`quantize`), stage by stage."""
     prepared = _prepare_graph(source_model, source, config)
     layers, skipped = _find_layers(prepared.graph, config)
-    fp32 = export_fp32(prepared.graph, source_model)
+    release_freed_memory()  # the parse, upgrade and fold leave freed blocks behind
     t_load = time.perf_counter()
 
-    stats = _calibrate(fp32, prepared, layers, source, config, progress)
+    stats = _calibrate(prepared, layers, source, source_model, config, progress)
     t_calib = time.perf_counter()
 
     outcome = None
     if config.allocation_mode is not None:
-        outcome = _mixed_precision(prepared.graph, layers, skipped, stats, fp32, source_model, source, config,
-                                   validation, progress)
-    del fp32
+        outcome = _mixed_precision(prepared.graph, layers, skipped, stats, export_fp32(prepared.graph, source_model),
+                                   source_model, source, config, validation, progress)
+    release_freed_memory()  # the calibration (and probe) sessions are gone
     t_mixed = time.perf_counter()
 
     decisions, acts = _choose(layers, stats, outcome, config)
@@ -276,14 +238,19 @@ def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantCo
     pristine = prepared.graph.copy() if stats.held_back else None  # rewrite edits the graph it gets
     result.model = _rewrite(prepared.graph, layers, result, source_model)
     t_rewrite = time.perf_counter()
+    session = None  # on the written model, when the held-back check has made one
     if pristine is not None:
-        result = _check_on_held_back(result, pristine, prepared, skipped, stats, source_model, source, config)
+        result, session = _check_on_held_back(result, pristine, prepared, skipped, stats, source_model, source,
+                                              config)
     stats.samples = {}  # the data-aware steps are done with the kept layer inputs
+    del pristine, prepared
+    release_freed_memory()
     result.size_after = result.model.ByteSize()
     t_holdout = time.perf_counter()
 
     result.comparison = _verify(result.model, source_model, source, stats.kept, stats.references, config,
-                                outcome, result.held_back_comparison)
+                                outcome, result.held_back_comparison, session)
+    del session
     t_verify = time.perf_counter()
     result.timings = {
         "load": t_load - t0, "calibrate": t_calib - t_load, "mixed_precision": t_mixed - t_calib,
@@ -370,9 +337,10 @@ class _Statistics:
     held_back: int = 0  # first samples kept out of the channel means and kept samples (holdout)
 
 
-def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], source: DataSource,
+def _calibrate(prepared: _Prepared, layers: List[Layer], source: DataSource, source_model: onnx.ModelProto,
                config: QuantConfig, progress: bool) -> _Statistics:
-    """Stage 3: stream the calibration data through the normalised FP32 model.
+    """Stage 3: stream the calibration data through the normalised FP32 model (whose session
+    takes the graph's weight arrays as they are, see :func:`export_fp32_stubbed`).
 
     Gives a histogram of every layer input (with per-channel means where bias correction needs
     them), the first samples of each layer input when data-aware rounding or the output
@@ -392,6 +360,7 @@ def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], 
                 channel_axes[layer.data.name] = axis
     keep_samples = config.uses_samples(model_rounding_cost(layers))
     samples = {t: TensorSample(t, config.data_samples) for t in tensors} if keep_samples else {}
+    fp32, weights = export_fp32_stubbed(prepared.graph, source_model)
     # the FP32 outputs of the samples verification will use come with this run
     references = ReferenceOutputs([o.name for o in fp32.graph.output],
                                   config.verify_count if config.verify else 0)
@@ -399,7 +368,8 @@ def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], 
     hists, n_samples, kept = collect_histograms(
         fp32, tensors, source, config.calib_count, progress,
         keep_batches=keep if (config.verify or config.allocation_mode is not None) else 0,
-        channel_axes=channel_axes, samples=samples, references=references, held_back=held_back)
+        channel_axes=channel_axes, samples=samples, references=references, held_back=held_back,
+        weights=weights)
     arrays = {t: a for t, a in ((t, s.array()) for t, s in samples.items()) if a is not None}
     # data-free bias correction: channel means from the BatchNorm priors instead of the data;
     # equalization rescaled the BN outputs' channels, so the priors no longer describe them
@@ -414,14 +384,15 @@ def _calibrate(fp32: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], 
 
 def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepared", skipped: List[Skipped],
                         stats: "_Statistics", source_model: onnx.ModelProto, source: DataSource,
-                        config: QuantConfig) -> QuantResult:
+                        config: QuantConfig) -> Tuple[QuantResult, Optional[ort.InferenceSession]]:
     """Stage 7b: keep the data-derived defaults only where they help on held-back samples.
 
     Bias correction's channel means and data-aware rounding's samples came from the other
     calibration samples; here the default conversion, the one without bias correction and the
     paper's plain method (no bias correction, round to nearest) are compared by output SQNR on
     the held-back samples, and the best is kept (a tie keeps the default). Candidates that
-    would equal one already built are not built.
+    would equal one already built are not built. Also gives the kept model's session when it is
+    still open (verification goes on with it).
     """
     used_bc = any(d.bias_correction for d in default.layers)
     used_rounding = any(d.weight.rounding != "nearest" for d in default.layers)
@@ -435,10 +406,11 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     if len(variants) == 1:
         record["note"] = "nothing data-derived to check"
         default.holdout = record
-        return default
+        return default, None
     feeds = first_samples(source, stats.kept, stats.held_back)
-    best, best_db = default, None
-    for name, cfg in variants:
+    best, best_db, session = default, None, None
+    # the default goes last, winning ties: its session, the last made, then serves verification
+    for name, cfg in variants[1:] + variants[:1]:
         if cfg is None:
             cand = default
         else:
@@ -446,14 +418,18 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
             d, a = choose_all(ls, stats.hists, cfg, None, stats.samples, stats.means)
             cand = _result(source_model, prepared, ls, skipped, d, a, stats, None, cfg)
             cand.model = _rewrite(g, ls, cand, source_model)
-        c = compare(source_model, cand.model, iter(feeds), kept=stats.references)
+        session = None  # one candidate session at a time
+        release_freed_memory()
+        session = make_session(cand.model)
+        c = compare(source_model, cand.model, iter(feeds), kept=stats.references, session=session)
         record["sqnr_db"][name] = c.output_sqnr_db
-        if best_db is None or c.output_sqnr_db > best_db:
+        if best_db is None or c.output_sqnr_db > best_db or (cfg is None and c.output_sqnr_db >= best_db):
             best, best_db, record["kept"], best_c = cand, c.output_sqnr_db, name, c
+    record["sqnr_db"] = {name: record["sqnr_db"][name] for name, _ in variants}  # in the report's order
     best.holdout = record
     best.held_back_comparison = best_c  # verification goes on from it
     _set_metadata(best.model, best.decisions())
-    return best
+    return best, session if best is cand else None
 
 
 def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped], stats: _Statistics,
@@ -572,7 +548,8 @@ def _rewrite(graph: gs.Graph, layers: List[Layer], result: QuantResult,
 
 def _verify(qmodel: onnx.ModelProto, source_model: onnx.ModelProto, source: DataSource, kept: list,
             references: Optional[ReferenceOutputs], config: QuantConfig,
-            outcome: Optional[mixed.Outcome], resume: Optional[Comparison] = None) -> Optional[Comparison]:
+            outcome: Optional[mixed.Outcome], resume: Optional[Comparison] = None,
+            session: Optional[ort.InferenceSession] = None) -> Optional[Comparison]:
     """Stage 8: the quantized model's outputs against the FP32 ones on calibration samples
     (None: ``verify`` off). The FP32 outputs come from the calibration run where it kept them;
     the run stops once the output SQNR is known to :data:`VERIFY_TOLERANCE_DB` (its 95%
@@ -584,4 +561,5 @@ def _verify(qmodel: onnx.ModelProto, source_model: onnx.ModelProto, source: Data
         return None
     batches = source.batches(min(config.verify_count, config.calib_count or config.verify_count)) \
         if source.reiterable else iter(kept)
-    return compare(source_model, qmodel, batches, kept=references, tolerance_db=VERIFY_TOLERANCE_DB, resume=resume)
+    return compare(source_model, qmodel, batches, kept=references, tolerance_db=VERIFY_TOLERANCE_DB, resume=resume,
+                   session=session)

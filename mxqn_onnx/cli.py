@@ -288,7 +288,8 @@ def _check_output_path(inp: str, out: str, what: str = "output") -> None:
 
 
 def cmd_convert(args, console: Console, err: Console) -> int:
-    from .api import quantize, save_model_atomic, write_atomic
+    from .api import quantize
+    from .writing import save_model_atomic, write_atomic
 
     if not Path(args.input).is_file():
         raise MxqnError(f"{args.input}: no such file; give the path of an .onnx model")

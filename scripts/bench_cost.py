@@ -125,8 +125,43 @@ def worker(task: dict) -> dict:
                         calibrate_method=CalibrationMethod.MinMax, per_channel=False,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         out["quantize_s"] = time.perf_counter() - t0
+    elif task["kind"] == "sweep":  # a default conversion (verified) fed n samples from a stream
+        import mxqn_onnx
+        from mxqn_onnx.calibration.data import DataSource, InputSpec
+
+        name, x = _samples(task["data"])
+        n = int(task["samples"])
+
+        def stream():  # the photo crops again and again, each pass a little brighter: no copy in memory
+            for i in range(n):
+                yield {name: x[i % len(x)][None] * np.float32(1.0 + 0.01 * (i // len(x)))}
+
+        src = DataSource(stream, [InputSpec(name, (1,) + x.shape[1:], np.dtype(np.float32))], n, True,
+                         f"{n} streamed crops")
+        t0 = time.perf_counter()
+        res = mxqn_onnx.quantize(task["model"], src, progress=False)
+        res.save(task["output"])
+        out["convert_s"] = time.perf_counter() - t0
+        out["timings"] = {k: round(v, 3) for k, v in res.timings.items()}
+        out["output_sqnr_db"] = res.measured_sqnr_db
     else:
         raise SystemExit(f"unknown worker task {task['kind']}")
+    return out
+
+
+def rss_sweep(key: str, nets: Path, work: Path, counts: Sequence[int], timeout: float) -> dict:
+    """Peak RSS of default conversions (verification included) at each sample count, the
+    samples streamed (a folder of images or a reader behaves so), in fresh processes."""
+    spec = MODELS[key]
+    data = work / f"{key}_calib_{spec['samples']}x{spec['size'][0]}x{spec['size'][1]}.npz"
+    out: dict = {}
+    for n in counts:
+        r = _worker_result(timed(_worker_cmd({"kind": "sweep", "model": str(nets / spec["file"]), "data": str(data),
+                                              "samples": n, "output": str(work / f"{key}_sweep{n}.onnx")}),
+                                 work / f"{key}_sweep{n}.log", timeout))
+        out[str(n)] = r
+        cell = r.get("error") or f"{r['wall_s']:7.1f} s {r['maxrss_mb']:7.0f} MB"
+        print(f"  {key:9s} {'sweep ' + str(n) + ' samples':24s} {cell}", flush=True)
     return out
 
 
@@ -493,6 +528,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--skip-mixed", action="store_true", help="no --avg-wbits 6 --avg-abits 6 row")
     ap.add_argument("--profile", action="store_true", help="also cProfile convert and profile onnxruntime")
     ap.add_argument("--render", metavar="JSON", default=None, help="only print the tables of an earlier run")
+    ap.add_argument("--rss-sweep", default="16,1024", metavar="N,N",
+                    help="sample counts of the ResNet-50 peak-RSS sweep (streamed samples; '' skips it)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run timed()'s clean-up on kill
@@ -525,6 +562,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"# {k}", flush=True)
         result["models"][k] = bench_model(k, nets, out, args.timeout,
                                           mixed=(k == "detector" and not args.skip_mixed), profile=args.profile)
+        if k == "resnet50" and args.rss_sweep:
+            counts = [int(c) for c in args.rss_sweep.split(",") if c]
+            result["models"][k]["rss_sweep"] = rss_sweep(k, nets, out, counts, args.timeout)
         (out / "bench_cost.json").write_text(json.dumps(finite(result), indent=1) + "\n")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "bench_cost.json").write_text(json.dumps(finite(result), indent=1) + "\n")
@@ -554,6 +594,11 @@ def target_rows(result: dict) -> List[List[str]]:
                  2.0)):
             rows.append([k, what, "" if value is None else f"{value:.2f}x", f"<= {limit:g}x",
                          _verdict(None if value is None else value <= limit)])
+        sweep = {int(n): r["maxrss_mb"] for n, r in res.get("rss_sweep", {}).items() if "maxrss_mb" in r}
+        if len(sweep) >= 2:
+            lo, hi = min(sweep.values()), max(sweep.values())
+            rows.append([k, f"convert peak RSS over {min(sweep)}..{max(sweep)} samples: (max - min) / min",
+                         f"{(hi - lo) / lo:.1%} ({lo:.0f}..{hi:.0f} MB)", "<= 10%", _verdict((hi - lo) / lo <= 0.10)])
         mixed = runs.get("mxqn --avg-wbits 6 --avg-abits 6")
         if mixed is not None:
             for what, key, limit in (("mixed W6/A6 wall / uniform convert", "wall_s", 3.0),

@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import run_cli
 from graph_helpers import cnn_inputs, small_cnn
-from mxqn_onnx import api
+from mxqn_onnx import writing
 from mxqn_onnx.cli import main
 
 
@@ -328,7 +328,7 @@ def _break_writes(monkeypatch, exc: BaseException) -> None:
     def fdopen(fd, mode="r", *a, **k):
         return _Interrupting(real(fd, mode, *a, **k), exc)
 
-    monkeypatch.setattr(api.os, "fdopen", fdopen)
+    monkeypatch.setattr(writing.os, "fdopen", fdopen)
 
 
 def test_interrupted_write_leaves_no_output(work, capsys, monkeypatch):

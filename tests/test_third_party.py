@@ -5,7 +5,6 @@ files are read directly; the packages are never imported); the tests that run th
 skipped where those are not installed.
 """
 
-import importlib.util
 import sys
 from pathlib import Path
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import mxqn_onnx
+from mxqn_onnx import api
 from mxqn_onnx.calibration.data import input_specs, make_source
 from mxqn_onnx.calibration.observers import ReferenceOutputs
 from mxqn_onnx.graph.loading import load_model
@@ -52,12 +53,17 @@ def test_verification_runs_only_the_quantized_model(digits_model, digits_calib, 
         return real(model, *a, **kw)
 
     monkeypatch.setattr(measure, "make_session", counting)
-    r = mxqn_onnx.quantize(digits_model, digits_calib, rounding="nearest")
-    # the FP32 outputs came with calibration: only quantized models are loaded, one per
-    # candidate of the held-back check and one for verification
-    checked = len(r.holdout["sqnr_db"]) if r.holdout else 0
-    assert loaded == ["mxqn-onnx"] * (1 + checked)
-    assert r.comparison.samples >= measure.MIN_VERIFY_SAMPLES
+    monkeypatch.setattr(api, "make_session", counting)
+    for kw in (dict(rounding="nearest"), dict(rounding="nearest", holdout=False)):
+        loaded.clear()
+        r = mxqn_onnx.quantize(digits_model, digits_calib, **kw)
+        # the FP32 outputs came with calibration: only quantized models are loaded, one per
+        # candidate of the held-back check; verification goes on with the kept one's session
+        # when it is the last made (the default, checked last), else makes its own
+        checked = len(r.holdout["sqnr_db"]) if r.holdout and "note" not in r.holdout else 0
+        reused = checked and r.holdout["kept"] == "default"
+        assert loaded == ["mxqn-onnx"] * (checked + (0 if reused else 1))
+        assert r.comparison.samples >= measure.MIN_VERIFY_SAMPLES
 
 
 def test_verification_stops_when_the_sqnr_is_known(digits_model, digits_calib):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from ..errors import MxqnError, first_line
+from ..graph.loading import STUB_MIN_BYTES, STUB_TYPES, weight_stub, without_initializers
+from ..memory import release_freed_memory
 from .data import DataSource, batch_len, fixed_batch
 from .observers import NonFiniteError, ReferenceOutputs, TensorHistogram, TensorSample
 
@@ -26,29 +29,52 @@ OUTPUT_BUDGET = 128 << 20
 SAMPLE_BUDGET = 256 << 20
 
 
-def make_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> ort.InferenceSession:
+def _split_weights(model: onnx.ModelProto, extra_outputs: Sequence[str]):
+    """``model`` with a :func:`weight_stub` for each large initializer and ``extra_outputs``
+    added, plus the names and arrays of what the stubs stand for."""
+    light = without_initializers(model)
+    names, arrays = [], []
+    for t in model.graph.initializer:
+        if t.data_type in STUB_TYPES and t.HasField("raw_data") and t.ByteSize() >= STUB_MIN_BYTES:
+            light.graph.initializer.append(weight_stub(t.name, t.data_type, t.dims))
+            names.append(t.name)
+            arrays.append(numpy_helper.to_array(t))
+        else:
+            light.graph.initializer.append(t)
+    present = {o.name for o in light.graph.output}
+    for name in dict.fromkeys(extra_outputs):
+        if name not in present:
+            light.graph.output.append(onnx.ValueInfoProto(name=name))
+    return light, names, arrays
+
+
+def make_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (),
+                 weights: Optional[Mapping[str, np.ndarray]] = None) -> ort.InferenceSession:
     """A CPU session on ``model`` that also returns the named intermediate tensors.
 
-    The extra outputs are appended to ``model`` only for the one serialisation onnxruntime
-    needs and removed again, rather than working on a deep copy: on a 100 MB model a copy
-    costs a second serialise + parse and another 100 MB of memory.
+    The large weights reach onnxruntime as arrays (``add_external_initializers``), not inside
+    the serialised model: serialising a 100 MB model and letting onnxruntime parse it held
+    three copies of the weights at once, and left the process 100 MB larger for as long as
+    the session lived (measured on the ResNet-50 graph). ``weights``: the arrays of the
+    model's stubs (:func:`~mxqn_onnx.graph.loading.export_fp32_stubbed`). ``model`` itself is
+    not changed.
     """
-    present = {o.name for o in model.graph.output}
-    added = [n for n in dict.fromkeys(extra_outputs) if n not in present]
-    n_before = len(model.graph.output)
-    for name in added:
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
-    try:
-        blob = model.SerializeToString()
-    finally:
-        del model.graph.output[n_before:]
+    light, names, arrays = _split_weights(model, extra_outputs)
+    for name, array in (weights or {}).items():
+        names.append(name)
+        arrays.append(np.ascontiguousarray(array))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if names:
+        opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     try:
-        return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(light.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = first_line(exc)
         raise MxqnError(f"onnxruntime cannot load the model: {first}") from None
+    del light, arrays, opts
+    release_freed_memory()  # building the session (optimising, prepacking) freed as much again
+    return session
 
 
 def progress_bar(enabled: bool, description: str, total: Optional[int]):
@@ -76,6 +102,7 @@ def collect_histograms(
     sample_budget: int = SAMPLE_BUDGET,
     references: Optional[ReferenceOutputs] = None,
     held_back: int = 0,
+    weights: Optional[Mapping[str, np.ndarray]] = None,
 ) -> tuple:
     """Histograms of ``tensors`` over the calibration data, batch by batch.
 
@@ -93,12 +120,13 @@ def collect_histograms(
     then runs only the quantized model).
     ``held_back``: the first samples count in the histograms but not in the channel means or
     the kept samples (they judge the data-derived steps, see ``QuantConfig.holdout``).
+    ``weights``: the arrays of ``model``'s weight stubs (see :func:`make_session`).
     """
     input_names = {s.name for s in source.specs}
     observed = [t for t in dict.fromkeys(tensors) if t not in input_names]
     outputs = list(references.names) if references is not None and references.wants() else []
     fetched = observed + [o for o in outputs if o not in observed]
-    session = make_session(model, fetched)
+    session = make_session(model, fetched, weights)
     channel_axes = channel_axes or {}
     samples = samples if samples is not None else {}
     hists: Dict[str, TensorHistogram] = {t: TensorHistogram(t, channel_axes.get(t)) for t in dict.fromkeys(tensors)}

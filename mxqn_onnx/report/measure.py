@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from ..calibration.calibrate import make_session
 from ..calibration.data import Feed
@@ -134,7 +135,7 @@ def _chunks(feed: Feed, n: int, splittable: bool = True):
 def compare(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Iterable[Feed],
             labels: Optional[np.ndarray] = None, kept: Optional[ReferenceOutputs] = None,
             tolerance_db: Optional[float] = None, min_samples: int = MIN_VERIFY_SAMPLES,
-            resume: Optional[Comparison] = None) -> Comparison:
+            resume: Optional[Comparison] = None, session: Optional[ort.InferenceSession] = None) -> Comparison:
     """Run both models on ``batches``; the first output's argmax is the predicted class.
 
     ``kept``: FP32 outputs of the first samples (the reference model runs only beyond them).
@@ -143,8 +144,9 @@ def compare(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Ite
     accuracy need every batch).
     ``resume``: a comparison of the same two models on the first samples of ``batches``; those
     samples are not run again and the measurement goes on from there.
+    ``session``: a session on ``quantized`` already made (None: one is made here).
     """
-    q_s = make_session(quantized)
+    q_s = session if session is not None else make_session(quantized)
     names = [o.name for o in q_s.get_outputs()]
     ref_names = [o.name for o in reference.graph.output]
     if ref_names != names:

@@ -89,6 +89,31 @@ def test_optimal_frac_never_worse_than_no_overflow(w, bits, signed):
     assert best.sqnr_db >= Q.sqnr_of(w, Q.fxp_quantize(w, bits, f0, signed)) - 1e-9
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 40), st.sampled_from([2, 3, 4, 5, 8]), st.booleans(),
+       st.sampled_from(["normal", "zero row", "on the grid", "powers of two"]), st.integers(0, 2 ** 31))
+def test_weight_search_without_clipping_equals_scoring_every_candidate(rows, cols, bits, signed, kind, seed):
+    # the pruned search (f0 and f0 - 1, lower only on ties) against all candidates, first minimum
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(rows, cols)).astype(np.float32) * 2.0 ** rng.integers(-10, 5, size=(rows, 1))
+    if kind == "zero row":
+        w[rng.integers(0, rows)] = 0
+    elif kind == "on the grid":
+        w = np.round(w * 4) / 4
+    elif kind == "powers of two":
+        w = np.sign(w) * 2.0 ** rng.integers(-3, 3, size=w.shape).astype(np.float32)
+    if not signed:
+        w = np.abs(w)
+    fracs, db = Q.best_fxp_channels(w, bits, signed, above=0)
+    f0 = np.array([Q.no_overflow_frac(float(m), bits, signed) for m in np.abs(w).max(axis=1)])
+    cands = f0[:, None] + np.arange(-Q.FXP_SEARCH_BELOW, 1)[None, :]
+    errs = Q._fxp_errors_rows(w, bits, signed, cands)
+    best = np.argmin(errs, axis=1)
+    np.testing.assert_array_equal(fracs, cands[np.arange(rows), best])
+    total = float(np.sum(errs[np.arange(rows), best]))
+    assert db == Q.sqnr_db(float(np.sum(w.astype(np.float64) ** 2)), total)
+
+
 def test_binned_log_top_never_worse_than_data_max():
     rng = np.random.default_rng(1)
     x = rng.laplace(size=50_000).astype(np.float32)
