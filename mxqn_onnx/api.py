@@ -34,7 +34,7 @@ from .graph.layers import Layer, Skipped, find_layers, keep_ends_in_float
 from .graph.loading import (METADATA_KEY, MIN_OPSET, ModelLike, export_fp32, export_fp32_stubbed, load_model,
                             normalise, raise_opset)
 from .graph.rewrite import FORMAT_VERSION, rewrite
-from .lowbit import correction
+from .lowbit import correction, depthwise
 from .lowbit.align import align_channel_ranges, equalize_and_measure
 from .memory import release_freed_memory
 from .mixed import search as mixed
@@ -87,6 +87,8 @@ class QuantResult:
     equalization: Optional[dict] = None
     #: the held-back check of the data-derived defaults: samples, SQNR per candidate, kept
     holdout: Optional[dict] = None
+    #: depthwise input shifts: tensors, convs, channels per shift (None: off)
+    depthwise_shift: Optional[dict] = None
     #: the kept candidate's comparison on the held-back samples (verification resumes it)
     held_back_comparison: Optional[Comparison] = None
 
@@ -103,6 +105,8 @@ class QuantResult:
             d["equalization"] = _finite(self.equalization)
         if self.holdout is not None:
             d["holdout"] = _finite(self.holdout)
+        if self.depthwise_shift is not None:
+            d["depthwise_shift"] = self.depthwise_shift
         return d
 
     def _decisions(self) -> dict:
@@ -272,6 +276,8 @@ class _Prepared:
     equalization: Optional[dict]
     #: BatchNorm output priors for data-free bias correction (None: means from the data)
     priors: Optional[correction.Priors]
+    #: depthwise input shifts: tensors, convs, channels per shift (None: off)
+    depthwise_shift: Optional[dict] = None
 
 
 def _prepare_graph(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig) -> _Prepared:
@@ -289,7 +295,30 @@ def _prepare_graph(source_model: onnx.ModelProto, source: DataSource, config: Qu
     equalization = equalize_and_measure(graph, config) if config.equalize != "off" else None
     if config.align_channels and config.weight_granularity != "tensor":
         align_channel_ranges(graph, config.wbits)
-    return _Prepared(graph, equalization, priors)
+    shifts = _shift_depthwise_inputs(graph, source_model, source) if config.depthwise_shift else None
+    return _Prepared(graph, equalization, priors, shifts)
+
+
+def _shift_depthwise_inputs(graph: gs.Graph, source_model: onnx.ModelProto, source: DataSource) -> dict:
+    """Per-channel power-of-two shifts on depthwise conv inputs (:mod:`mxqn_onnx.lowbit.depthwise`),
+    from the channel maxima of a first FP32 pass over a few calibration samples."""
+    tensors = list(depthwise.depthwise_inputs(graph))
+    if not tensors:
+        return {"tensors": 0, "convs": 0, "channels_by_shift": {}}
+    if not source.reiterable:
+        raise MxqnError("depthwise_shift reads the first calibration samples twice; give data that can be "
+                        "read again (a file or folder), or leave depthwise_shift off")
+    model, weights = export_fp32_stubbed(graph, source_model)
+    session = make_session(model, tensors, weights)
+    maxima: Dict[str, np.ndarray] = {}
+    for feed in first_samples(source, [], depthwise.SAMPLES):
+        for i in range(int(np.shape(next(iter(feed.values())))[0])):  # one sample a run: fixed batches too
+            outs = session.run(tensors, {k: np.asarray(v)[i:i + 1] for k, v in feed.items()})
+            for name, out in zip(tensors, outs):
+                m = depthwise.channel_max(out)
+                maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
+    del session
+    return depthwise.shift_depthwise_inputs(graph, maxima)
 
 
 def _find_layers(graph: gs.Graph, config: QuantConfig) -> Tuple[List[Layer], List[Skipped]]:
@@ -526,6 +555,7 @@ def _result(source_model: onnx.ModelProto, prepared: _Prepared, layers: List[Lay
         opset=max(int(prepared.graph.opset), MIN_OPSET),
         allocation=outcome.record if outcome else None,
         equalization=prepared.equalization,
+        depthwise_shift=prepared.depthwise_shift,
         bias_means=stats.bias_means,
         histograms={t: histogram_summary(h) for t, h in stats.hists.items()},
         packed_weight_bytes=packed_weight_bytes(layers, [d.weight.bits for d in decisions]),

@@ -77,6 +77,9 @@ def _add_convert(sub) -> None:
     q.add_argument("--equalize", choices=EQUALIZE, default=QuantConfig.equalize,
                    help="cross-layer equalization before calibration: off, pow2 (exact) or float; "
                         f"default {QuantConfig.equalize}")
+    q.add_argument("--depthwise-shift", action="store_true",
+                   help="shift each input channel of a depthwise conv by a power of two (exact; the "
+                        "filters are divided by the same) so one activation quantizer serves every channel")
     q.add_argument("--no-holdout", action="store_true",
                    help="use every calibration sample for bias correction and rounding, and keep them "
                         "without checking on held-back samples that they help (default: checked)")
@@ -310,6 +313,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         align_channels=args.align_channels, allow_empty=args.allow_empty,
         bias_means=args.bias_means, rounding=args.rounding, act_objective=args.act_objective,
         equalize=args.equalize, data_samples=args.data_samples, holdout=not args.no_holdout,
+        depthwise_shift=args.depthwise_shift,
         format=args.format, opset=args.opset, qdq_encoding=args.qdq_encoding,
         target_sqnr_db=args.target_sqnr, avg_wbits=args.avg_wbits, avg_abits=args.avg_abits,
         max_size_mb=args.max_size, max_accuracy_drop=args.max_accuracy_drop, bits_set=args.bits_set,

@@ -68,6 +68,11 @@ class QuantConfig:
         equalize: cross-layer equalization before calibration (:mod:`mxqn_onnx.lowbit.align`):
             ``off``, ``pow2`` (power-of-two factors: the FP32 function is exactly kept) or
             ``float``.
+        depthwise_shift: shift each input channel of a depthwise conv by a power of two so
+            that every channel's maximum lies within a factor 2 of the tensor's, and divide
+            the conv's filters by the same (the FP32 function is exactly kept; a ``Mul`` by
+            the powers of two stays in the graph), from a first FP32 pass over 16 calibration
+            samples (:mod:`mxqn_onnx.lowbit.depthwise`).
         holdout: hold back the first calibration samples (a quarter, 2 to 8) from the channel
             means of bias correction and from the samples of data-aware rounding, then keep
             the default, or the conversion without bias correction, or the paper's plain
@@ -128,6 +133,7 @@ class QuantConfig:
     act_objective: str = "tensor"
     equalize: str = "off"
     holdout: bool = True
+    depthwise_shift: bool = False
     data_samples: int = 128
     allow_empty: bool = False
     format: str = "mxqn"
@@ -174,6 +180,8 @@ class QuantConfig:
             raise MxqnError(f"{what} needs kept calibration samples; data_samples must be at least 1")
         if not isinstance(self.holdout, bool):
             raise MxqnError(f"holdout must be True or False, got {self.holdout!r}")
+        if not isinstance(self.depthwise_shift, bool):
+            raise MxqnError(f"depthwise_shift must be True or False, got {self.depthwise_shift!r}")
         if self.act_quant not in ACT_MODES:
             raise MxqnError(f"act_quant must be one of {', '.join(ACT_MODES)}, got {self.act_quant!r}")
         for name in ("channel_gain_db", "log_margin_db"):

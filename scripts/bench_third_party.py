@@ -54,6 +54,11 @@ CONFIGS: Dict[str, dict] = {
     "w4a8-default": {"wbits": 4, "abits": 8},
     "w4a8-paper": {"wbits": 4, "abits": 8, **PAPER},
     "w4a4-default": {"wbits": 4, "abits": 4},
+    # per-channel power-of-two shifts on depthwise conv inputs (opt-in, --depthwise-shift)
+    "w8a8-dwshift": {"wbits": 8, "abits": 8, "depthwise_shift": True},
+    "w6a6-dwshift": {"wbits": 6, "abits": 6, "depthwise_shift": True},
+    "w4a8-dwshift": {"wbits": 4, "abits": 8, "depthwise_shift": True},
+    "w4a4-dwshift": {"wbits": 4, "abits": 4, "depthwise_shift": True},
     # diagnosis rows (not in the default set): which side, weights or activations, costs
     "w8a16-default": {"wbits": 8, "abits": 16},
     "w16a8-default": {"wbits": 16, "abits": 8},
@@ -64,7 +69,8 @@ CONFIGS: Dict[str, dict] = {
     "ort-w8a8-channel": {"ort": True, "per_channel": True},
 }
 DEFAULT_CONFIGS = ["w8a8-default", "w8a8-no-biascorr", "w8a8-paper", "w8a8-gptq", "w6a6-default", "w6a6-paper",
-                   "w4a8-default", "w4a8-paper", "w4a4-default", "w4a4-paper", "mixed-avg6", "mixed-avg4w",
+                   "w4a8-default", "w4a8-paper", "w4a4-default", "w4a4-paper", "w8a8-dwshift", "w6a6-dwshift",
+                   "w4a8-dwshift", "w4a4-dwshift", "mixed-avg6", "mixed-avg4w",
                    "ort-w8a8-tensor", "ort-w8a8-channel"]
 INPUTS = {"orientation": tp.ORIENTATION_INPUT, "layout": tp.LAYOUT_INPUT}
 

@@ -131,6 +131,11 @@ def summary_lines(report: dict) -> list:
         lines.append(f"techniques: bias correction {bias}, rounding {cfg.get('rounding', 'nearest')}, "
                      f"activation objective {cfg.get('act_objective', 'tensor')}, "
                      f"equalization {cfg.get('equalize', 'off')}")
+    dw = report.get("depthwise_shift")
+    if dw is not None:
+        spread = ", ".join(f"{k}: {v}" for k, v in sorted(dw["channels_by_shift"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"depthwise input shifts: {dw['tensors']} tensors, {dw['convs']} convs; channels per shift "
+                     f"{{{spread}}}")
     ho = report.get("holdout")
     if ho and ho.get("sqnr_db"):
         each = ", ".join(f"{k} {_db(v)} dB" for k, v in ho["sqnr_db"].items())

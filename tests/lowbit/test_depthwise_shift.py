@@ -1,0 +1,127 @@
+"""Power-of-two shifts on depthwise conv inputs: exact in FP32, and what they buy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import mxqn_onnx
+from mxqn_onnx.calibration.data import DataSource, InputSpec
+from mxqn_onnx.errors import MxqnError
+from mxqn_onnx.graph.loading import export_fp32, normalise
+from mxqn_onnx.lowbit import depthwise
+
+C = 16
+
+
+def _net(seed: int = 0) -> onnx.ModelProto:
+    """Conv 3->16, HardSwish, depthwise 3x3 (group 16), Conv 1x1 16->8: the hard-swish output's
+    channels span 2^0..2^-7 of the largest (the first conv's filters are scaled so), and the
+    depthwise filters scale them back up."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(size=(C, 3, 3, 3)).astype(np.float32) * 0.3
+    w1 *= (2.0 ** -(np.arange(C) // 2)).astype(np.float32).reshape(-1, 1, 1, 1)
+    # the depthwise filters undo the spread (as a BatchNorm folded into them does): every
+    # channel of its output matters alike, the small input channels included
+    wd = rng.normal(size=(C, 1, 3, 3)).astype(np.float32) * 0.5 * (2.0 ** (np.arange(C) // 2)).astype(
+        np.float32).reshape(-1, 1, 1, 1)
+    w3 = rng.normal(size=(8, C, 1, 1)).astype(np.float32) * 0.3
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (wd, "wd"), (w3, "w3"))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("HardSwish", ["c1"], ["h1"], name="hswish"),
+        helper.make_node("Conv", ["h1", "wd"], ["d1"], pads=[1, 1, 1, 1], group=C, name="dw"),
+        helper.make_node("Conv", ["d1", "w3"], ["y"], name="pw"),
+    ]
+    g = helper.make_graph(nodes, "dwnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 12, 12])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    return m
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+def _data(n: int = 64, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3, 12, 12)).astype(np.float32) * 4
+
+
+def test_shifts_keep_the_fp32_function_exactly():
+    source = _net()
+    graph = normalise(source)
+    x = _data(16)
+    h1 = np.abs(_run(_with_output(source, "h1"), x))
+    maxima = {"h1": h1.max(axis=(0, 2, 3))}
+    record = depthwise.shift_depthwise_inputs(graph, maxima)
+    assert record["tensors"] == 1 and record["convs"] == 1
+    shifted = export_fp32(graph, source)
+    assert [n.op_type for n in shifted.graph.node].count("Mul") == 1
+    np.testing.assert_array_equal(_run(shifted, x), _run(source, x))  # bit for bit
+    # every channel's maximum now within a factor 2 of the largest
+    inner = next(n.output[0] for n in shifted.graph.node if n.op_type == "Mul")
+    m = np.abs(_run(_with_output(shifted, inner), x)).max(axis=(0, 2, 3))
+    assert np.all(m > m.max() / 2) and np.all(m <= m.max())
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.ValueInfoProto(name=name))
+    del m.graph.output[0]
+    return m
+
+
+def test_shifts_from_maxima():
+    s = depthwise.shifts_for(np.array([8.0, 4.0, 3.9, 1.0, 0.0, 1e-30]))
+    np.testing.assert_array_equal(s, [0, 1, 1, 3, 0, depthwise.MAX_SHIFT])
+
+
+def test_conversion_with_shifts_measures_better(tmp_path):
+    model, x = _net(), _data()
+    plain = mxqn_onnx.quantize(model, x, abits=6)
+    shifted = mxqn_onnx.quantize(model, x, abits=6, depthwise_shift=True)
+    rec = shifted.report()["depthwise_shift"]
+    assert rec["tensors"] == 1 and sum(rec["channels_by_shift"].values()) == C
+    assert plain.depthwise_shift is None and "depthwise_shift" not in plain.report()
+    # the planted 2^7 spread of channel ranges costs the per-tensor quantizer dearly
+    assert shifted.measured_sqnr_db > plain.measured_sqnr_db + 6
+    test = _data(32, seed=9)
+    ref = _run(model, test)
+
+    def sqnr(q):
+        return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - _run(q.model, test)) ** 2))
+    assert sqnr(shifted) > sqnr(plain) + 6  # on data it never saw
+
+
+def test_nothing_to_shift_is_recorded_as_such(digits_model, digits_calib):
+    r = mxqn_onnx.quantize(digits_model, digits_calib, depthwise_shift=True, verify=False)
+    assert r.depthwise_shift == {"tensors": 0, "convs": 0, "channels_by_shift": {}}
+
+
+def test_needs_data_that_can_be_read_twice():
+    x = _data(16)
+    once = DataSource(lambda: iter([{"x": x}]), [InputSpec("x", ("n", 3, 12, 12), np.dtype(np.float32))], 16,
+                      False, "a reader")
+    with pytest.raises(MxqnError, match="read again"):
+        mxqn_onnx.quantize(_net(), once, depthwise_shift=True)
+    with pytest.raises(MxqnError, match="depthwise_shift must be"):
+        mxqn_onnx.quantize(_net(), x, depthwise_shift="yes")
+
+
+def test_cli_flag_and_summary(tmp_path):
+    from conftest import run_cli
+
+    onnx.save(_net(), tmp_path / "dw.onnx")
+    np.savez(tmp_path / "calib.npz", x=_data(32))
+    p = run_cli("convert", tmp_path / "dw.onnx", tmp_path / "q.onnx", "--calib", tmp_path / "calib.npz",
+                "--depthwise-shift", "--report", tmp_path / "r.json")
+    assert p.returncode == 0, p.stderr
+    assert "depthwise input shifts: 1 tensors, 1 convs" in p.stdout
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert "Mul" in ops and ("LogQuant" in ops or "FixedQuant" in ops)
