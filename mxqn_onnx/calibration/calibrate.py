@@ -12,7 +12,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from ..errors import MxqnError, first_line
-from ..graph.loading import STUB_MIN_BYTES, STUB_TYPES, weight_stub, without_initializers
+from ..graph.loading import with_weight_stubs
 from ..memory import release_freed_memory
 from .data import DataSource, batch_len, fixed_batch
 from .observers import NonFiniteError, ReferenceOutputs, TensorHistogram, TensorSample
@@ -32,15 +32,8 @@ SAMPLE_BUDGET = 256 << 20
 def _split_weights(model: onnx.ModelProto, extra_outputs: Sequence[str]):
     """``model`` with a :func:`weight_stub` for each large initializer and ``extra_outputs``
     added, plus the names and arrays of what the stubs stand for."""
-    light = without_initializers(model)
-    names, arrays = [], []
-    for t in model.graph.initializer:
-        if t.data_type in STUB_TYPES and t.HasField("raw_data") and t.ByteSize() >= STUB_MIN_BYTES:
-            light.graph.initializer.append(weight_stub(t.name, t.data_type, t.dims))
-            names.append(t.name)
-            arrays.append(numpy_helper.to_array(t))
-        else:
-            light.graph.initializer.append(t)
+    light, stubbed = with_weight_stubs(model)
+    names, arrays = [t.name for t in stubbed], [numpy_helper.to_array(t) for t in stubbed]
     present = {o.name for o in light.graph.output}
     for name in dict.fromkeys(extra_outputs):
         if name not in present:

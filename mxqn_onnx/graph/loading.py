@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -134,8 +134,7 @@ def check_quantizable(model: onnx.ModelProto, label: str) -> None:
         )
 
 
-#: Float initializers at least this large go through the version converter as stubs.
-_CONVERT_STUB_BYTES = 1 << 12
+#: the initializers that go through the version converter as stubs: float weights
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
@@ -148,11 +147,8 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     from onnx import version_converter
 
-    weights = {t.name: t for t in model.graph.initializer
-               if t.data_type in _FLOATS and t.HasField("raw_data") and t.ByteSize() >= _CONVERT_STUB_BYTES}
-    light = without_initializers(model)
-    light.graph.initializer.extend(weight_stub(t.name, t.data_type, t.dims) if t.name in weights else t
-                                   for t in model.graph.initializer)
+    light, stubbed = with_weight_stubs(model, _FLOATS)
+    weights = {t.name: t for t in stubbed}
     try:
         upgraded = version_converter.convert_version(light, UPGRADE_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors
@@ -251,6 +247,20 @@ def weight_stub(name: str, data_type: int, dims) -> onnx.TensorProto:
                             data_location=onnx.TensorProto.EXTERNAL)
     stub.external_data.add(key="location", value="mxqn-in-memory")
     return stub
+
+
+def with_weight_stubs(model: onnx.ModelProto, types=STUB_TYPES) -> Tuple[onnx.ModelProto, List[onnx.TensorProto]]:
+    """A copy of ``model`` with a :func:`weight_stub` in place of each initializer of ``types``
+    holding at least :data:`STUB_MIN_BYTES` of raw data, and those initializers (not copied)."""
+    light = without_initializers(model)
+    stubbed = []
+    for t in model.graph.initializer:
+        if t.data_type in types and t.HasField("raw_data") and t.ByteSize() >= STUB_MIN_BYTES:
+            light.graph.initializer.append(weight_stub(t.name, t.data_type, t.dims))
+            stubbed.append(t)
+        else:
+            light.graph.initializer.append(t)
+    return light, stubbed
 
 
 def export_fp32_stubbed(graph: gs.Graph, source: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[str, np.ndarray]]:
