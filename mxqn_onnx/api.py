@@ -278,6 +278,8 @@ class _Prepared:
     priors: Optional[correction.Priors]
     #: depthwise input shifts: tensors, convs, channels per shift (None: off)
     depthwise_shift: Optional[dict] = None
+    #: the graph before the depthwise shifts, when the held-back check judges them (``auto``)
+    unshifted: Optional[gs.Graph] = None
 
 
 def _prepare_graph(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig) -> _Prepared:
@@ -295,30 +297,51 @@ def _prepare_graph(source_model: onnx.ModelProto, source: DataSource, config: Qu
     equalization = equalize_and_measure(graph, config) if config.equalize != "off" else None
     if config.align_channels and config.weight_granularity != "tensor":
         align_channel_ranges(graph, config.wbits)
-    shifts = _shift_depthwise_inputs(graph, source_model, source) if config.depthwise_shift else None
-    return _Prepared(graph, equalization, priors, shifts)
+    shifts, unshifted = _shift_depthwise_inputs(graph, source_model, source, config) \
+        if config.depthwise_shift != "off" else (None, None)
+    return _Prepared(graph, equalization, priors, shifts, unshifted)
 
 
-def _shift_depthwise_inputs(graph: gs.Graph, source_model: onnx.ModelProto, source: DataSource) -> dict:
+def _shift_depthwise_inputs(graph: gs.Graph, source_model: onnx.ModelProto, source: DataSource,
+                            config: QuantConfig) -> Tuple[Optional[dict], Optional[gs.Graph]]:
     """Per-channel power-of-two shifts on depthwise conv inputs (:mod:`mxqn_onnx.lowbit.depthwise`),
-    from the channel maxima of a first FP32 pass over a few calibration samples."""
+    from the channel maxima of a first FP32 pass over a few calibration samples (after the
+    held-back ones, which judge the result).
+
+    Returns the record (None: no shifts) and, for ``auto``, the graph as it was before, which
+    the held-back check converts too. ``auto`` shifts nothing where that check cannot run.
+    """
     tensors = list(depthwise.depthwise_inputs(graph))
+    auto = config.depthwise_shift == "auto"
     if not tensors:
-        return {"tensors": 0, "convs": 0, "channels_by_shift": {}}
+        return (None if auto else {"tensors": 0, "convs": 0, "channels_by_shift": {}}), None
     if not source.reiterable:
+        if auto:
+            return None, None
         raise MxqnError("depthwise_shift reads the first calibration samples twice; give data that can be "
                         "read again (a file or folder), or leave depthwise_shift off")
+    skip = held_back_count(config, source, shifts=auto)
+    if auto and skip == 0:
+        return None, None
     model, weights = export_fp32_stubbed(graph, source_model)
     session = make_session(model, tensors, weights)
     maxima: Dict[str, np.ndarray] = {}
-    for feed in first_samples(source, [], depthwise.SAMPLES):
+    seen = 0
+    for feed in first_samples(source, [], skip + depthwise.SAMPLES):
         for i in range(int(np.shape(next(iter(feed.values())))[0])):  # one sample a run: fixed batches too
+            seen += 1
+            if seen <= skip:
+                continue
             outs = session.run(tensors, {k: np.asarray(v)[i:i + 1] for k, v in feed.items()})
             for name, out in zip(tensors, outs):
                 m = depthwise.channel_max(out)
                 maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
     del session
-    return depthwise.shift_depthwise_inputs(graph, maxima)
+    before = graph.copy() if auto else None  # shares the weight arrays; the shifts make new ones
+    record = depthwise.shift_depthwise_inputs(graph, maxima)
+    if auto and record["tensors"] == 0:
+        return None, None
+    return record, before
 
 
 def _find_layers(graph: gs.Graph, config: QuantConfig) -> Tuple[List[Layer], List[Skipped]]:
@@ -377,13 +400,15 @@ def _calibrate(prepared: _Prepared, layers: List[Layer], source: DataSource, sou
     the data cannot be read twice, and, for data-free bias correction, the input channel means
     from the BatchNorm priors.
     """
-    tensors = [l.data.name for l in layers]
+    # with depthwise shifts on trial, the unshifted tensors too (read by the Muls of the shifts)
+    all_layers = layers + (_layers_of_copy(prepared.unshifted, config)[1] if prepared.unshifted is not None else [])
+    tensors = list(dict.fromkeys(l.data.name for l in all_layers))
     keep = 0 if source.reiterable else config.verify_count
     if config.allocation_mode is not None and not source.reiterable:
         keep = max(keep, config.probe_count)  # the sensitivity probe needs batches too
     channel_axes = {}
     if config.bias_correction:
-        for layer in layers:
+        for layer in all_layers:
             axis = correction.input_channel_axis(layer)
             if axis is not None:
                 channel_axes[layer.data.name] = axis
@@ -393,7 +418,7 @@ def _calibrate(prepared: _Prepared, layers: List[Layer], source: DataSource, sou
     # the FP32 outputs of the samples verification will use come with this run
     references = ReferenceOutputs([o.name for o in fp32.graph.output],
                                   config.verify_count if config.verify else 0)
-    held_back = held_back_count(config, source)
+    held_back = held_back_count(config, source, shifts=prepared.unshifted is not None)
     hists, n_samples, kept = collect_histograms(
         fp32, tensors, source, config.calib_count, progress,
         keep_batches=keep if (config.verify or config.allocation_mode is not None) else 0,
@@ -406,6 +431,8 @@ def _calibrate(prepared: _Prepared, layers: List[Layer], source: DataSource, sou
     if prepared.priors is not None:
         if prepared.equalization is None:
             means, bias_means = correction.prior_input_means(prepared.graph, prepared.priors), "batchnorm"
+            if prepared.unshifted is not None:
+                means = {**correction.prior_input_means(prepared.unshifted, prepared.priors), **means}
         else:
             means, bias_means = {}, "none (BatchNorm priors do not hold after equalization)"
     return _Statistics(hists, n_samples, kept, arrays, means, bias_means, references, held_back)
@@ -416,21 +443,28 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
                         config: QuantConfig) -> Tuple[QuantResult, Optional[ort.InferenceSession]]:
     """Stage 7b: keep the data-derived defaults only where they help on held-back samples.
 
-    Bias correction's channel means and data-aware rounding's samples came from the other
-    calibration samples; here the default conversion, the one without bias correction and the
-    paper's plain method (no bias correction, round to nearest) are compared by output SQNR on
-    the held-back samples, and the best is kept (a tie keeps the default). Candidates that
-    would equal one already built are not built. Also gives the kept model's session when it is
-    still open (verification goes on with it).
+    Bias correction's channel means, data-aware rounding's samples and the depthwise shifts
+    came from the other calibration samples; here the default conversion, the one without bias
+    correction, the one without depthwise shifts (``auto``) and the paper's plain method (no
+    bias correction, round to nearest, no shifts) are compared by output SQNR on the held-back
+    samples, and the best is kept (a tie keeps the default). Candidates that would equal one
+    already built are not built. Also gives the kept model's session when it is still open
+    (verification goes on with it).
     """
     used_bc = any(d.bias_correction for d in default.layers)
     used_rounding = any(d.weight.rounding != "nearest" for d in default.layers)
-    variants = [("default", None)]
+    unshifted = prepared.unshifted
+    plain = dataclasses.replace(config, bias_correction=False, rounding="nearest", act_objective="tensor",
+                                depthwise_shift="off")
+    variants: List[Tuple[str, Optional[QuantConfig], gs.Graph]] = [("default", None, graph)]
     if used_bc:
-        variants.append(("no bias correction", dataclasses.replace(config, bias_correction=False)))
-    if used_rounding or (used_bc and config.act_objective != "tensor"):
-        variants.append(("paper", dataclasses.replace(config, bias_correction=False, rounding="nearest",
-                                                      act_objective="tensor")))
+        variants.append(("no bias correction", dataclasses.replace(config, bias_correction=False), graph))
+    if unshifted is not None:
+        variants.append(("no depthwise shift", dataclasses.replace(config, depthwise_shift="off"), unshifted))
+        if used_bc or used_rounding or config.act_objective != "tensor":
+            variants.append(("paper", plain, unshifted))
+    elif used_rounding or (used_bc and config.act_objective != "tensor"):
+        variants.append(("paper", plain, graph))
     record: dict = {"held_back_samples": stats.held_back, "sqnr_db": {}, "kept": "default"}
     if len(variants) == 1:
         record["note"] = "nothing data-derived to check"
@@ -439,13 +473,15 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     feeds = first_samples(source, stats.kept, stats.held_back)
     best, best_db, session = default, None, None
     # the default goes last, winning ties: its session, the last made, then serves verification
-    for name, cfg in variants[1:] + variants[:1]:
+    for name, cfg, base in variants[1:] + variants[:1]:
         if cfg is None:
             cand = default
         else:
-            g, ls = _layers_of_copy(graph, cfg)
+            g, ls = _layers_of_copy(base, cfg)
             d, a = choose_all(ls, stats.hists, cfg, None, stats.samples, stats.means)
             cand = _result(source_model, prepared, ls, skipped, d, a, stats, None, cfg)
+            if base is not graph:
+                cand.depthwise_shift = None
             cand.model = _rewrite(g, ls, cand, source_model)
         session = None  # one candidate session at a time
         release_freed_memory()
@@ -454,7 +490,7 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
         record["sqnr_db"][name] = c.output_sqnr_db
         if best_db is None or c.output_sqnr_db > best_db or (cfg is None and c.output_sqnr_db >= best_db):
             best, best_db, record["kept"], best_c = cand, c.output_sqnr_db, name, c
-    record["sqnr_db"] = {name: record["sqnr_db"][name] for name, _ in variants}  # in the report's order
+    record["sqnr_db"] = {name: record["sqnr_db"][name] for name, _, _ in variants}  # in the report's order
     best.holdout = record
     best.held_back_comparison = best_c  # verification goes on from it
     _set_metadata(best.model, best.decisions())

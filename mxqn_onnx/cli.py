@@ -14,8 +14,8 @@ from rich.console import Console
 
 from ._version import __version__
 from .calibration.data import PREPROCESSING
-from .config import (ACT_MODES, AUTO_ROUNDING_MAX_BITS, BIAS_MEANS, EQUALIZE, FORMATS, QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES,
-                     ROUNDINGS, SENSITIVITIES, QuantConfig)
+from .config import (ACT_MODES, AUTO_ROUNDING_MAX_BITS, BIAS_MEANS, DEPTHWISE_SHIFTS, EQUALIZE, FORMATS,
+                     QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES, ROUNDINGS, SENSITIVITIES, QuantConfig)
 from .errors import MxqnError
 
 
@@ -77,9 +77,10 @@ def _add_convert(sub) -> None:
     q.add_argument("--equalize", choices=EQUALIZE, default=QuantConfig.equalize,
                    help="cross-layer equalization before calibration: off, pow2 (exact) or float; "
                         f"default {QuantConfig.equalize}")
-    q.add_argument("--depthwise-shift", action="store_true",
+    q.add_argument("--depthwise-shift", choices=DEPTHWISE_SHIFTS, default=QuantConfig.depthwise_shift,
                    help="shift each input channel of a depthwise conv by a power of two (exact; the "
-                        "filters are divided by the same) so one activation quantizer serves every channel")
+                        "filters are divided by the same) so one activation quantizer serves every channel: "
+                        "on, off, or auto (kept where the held-back check measures it better; default)")
     q.add_argument("--no-holdout", action="store_true",
                    help="use every calibration sample for bias correction and rounding, and keep them "
                         "without checking on held-back samples that they help (default: checked)")

@@ -17,6 +17,7 @@ SENSITIVITIES = ("quantizer", "noise", "none")
 ROUNDINGS = ("nearest", "gptq", "auto")
 OBJECTIVES = ("tensor", "output")
 EQUALIZE = ("off", "pow2", "float")
+DEPTHWISE_SHIFTS = ("auto", "on", "off")
 BIAS_MEANS = ("auto", "data", "batchnorm")
 #: under rounding="auto", data-aware rounding is used at or below this weight width, and at
 #: any width when the whole model's rounding is estimated under AUTO_ROUNDING_BUDGET
@@ -72,11 +73,15 @@ class QuantConfig:
             that every channel's maximum lies within a factor 2 of the tensor's, and divide
             the conv's filters by the same (the FP32 function is exactly kept; a ``Mul`` by
             the powers of two stays in the graph), from a first FP32 pass over 16 calibration
-            samples (:mod:`mxqn_onnx.lowbit.depthwise`).
+            samples (:mod:`mxqn_onnx.lowbit.depthwise`): ``on``, ``off``, or ``auto`` (shift, and
+            keep the shifts only where the held-back check measures them better than the same
+            conversion without; no shifts where that check cannot run). ``True``/``False``
+            stand for ``on``/``off``.
         holdout: hold back the first calibration samples (a quarter, 2 to 8) from the channel
             means of bias correction and from the samples of data-aware rounding, then keep
-            the default, or the conversion without bias correction, or the paper's plain
-            method (no bias correction, round to nearest), whichever has the best output SQNR
+            the default, or the conversion without bias correction, or without depthwise shifts,
+            or the paper's plain method (no bias correction, round to nearest, no shifts),
+            whichever has the best output SQNR
             on those held-back samples. Needs ``verify``; off with mixed precision (whose own
             measurement decides).
         data_samples: calibration samples whose layer inputs are kept for the data-aware
@@ -133,7 +138,7 @@ class QuantConfig:
     act_objective: str = "tensor"
     equalize: str = "off"
     holdout: bool = True
-    depthwise_shift: bool = False
+    depthwise_shift: str = "auto"
     data_samples: int = 128
     allow_empty: bool = False
     format: str = "mxqn"
@@ -180,8 +185,11 @@ class QuantConfig:
             raise MxqnError(f"{what} needs kept calibration samples; data_samples must be at least 1")
         if not isinstance(self.holdout, bool):
             raise MxqnError(f"holdout must be True or False, got {self.holdout!r}")
-        if not isinstance(self.depthwise_shift, bool):
-            raise MxqnError(f"depthwise_shift must be True or False, got {self.depthwise_shift!r}")
+        if isinstance(self.depthwise_shift, bool):
+            self.depthwise_shift = "on" if self.depthwise_shift else "off"
+        if self.depthwise_shift not in DEPTHWISE_SHIFTS:
+            raise MxqnError(f"depthwise_shift must be one of {', '.join(DEPTHWISE_SHIFTS)} (or True/False), "
+                            f"got {self.depthwise_shift!r}")
         if self.act_quant not in ACT_MODES:
             raise MxqnError(f"act_quant must be one of {', '.join(ACT_MODES)}, got {self.act_quant!r}")
         for name in ("channel_gain_db", "log_margin_db"):

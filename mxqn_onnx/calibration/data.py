@@ -390,12 +390,13 @@ def _dispatch(data, specs, batch_size, preprocess, image_size, random_count) -> 
 HELD_BACK_MIN, HELD_BACK_MAX = 2, 8
 
 
-def held_back_count(config, source: DataSource) -> int:
+def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
     """How many of the first calibration samples are held back (0: no check).
 
     Only where the check can run: verification on, uniform widths (mixed precision measures
     its own candidates), a known sample count of at least 4 * HELD_BACK_MIN, and something
-    data-derived to check (bias correction from data means, or data-aware rounding).
+    data-derived to check (bias correction from data means, data-aware rounding, or the
+    depthwise input shifts when ``shifts``).
     """
     if not config.holdout or not config.verify or config.allocation_mode is not None:
         return 0
@@ -403,7 +404,7 @@ def held_back_count(config, source: DataSource) -> int:
         if (config.calib_count or source.total) else None
     if total is None or total < 4 * HELD_BACK_MIN:
         return 0
-    if not config.bias_correction and config.rounding == "nearest":
+    if not config.bias_correction and config.rounding == "nearest" and not shifts:
         return 0
     count = int(min(HELD_BACK_MAX, max(HELD_BACK_MIN, total // 4)))
     b = fixed_batch(source.specs) or 1  # whole batches only, where the model fixes the batch size

@@ -102,6 +102,19 @@ def refuse(node: onnx.NodeProto, why: str) -> MxqnError:
     return MxqnError(f"node '{node.name or node.output[0]}' ({node.op_type}): {why}; cannot export it to C")
 
 
+def _channel_pow2(factor, shape: Tuple[int, ...]) -> Optional[np.ndarray]:
+    """The exponents of a constant broadcast over a tensor of ``shape`` that is one positive
+    power of two per channel (axis 1) or for the whole tensor; None otherwise."""
+    f = np.asarray(factor, np.float64)
+    if len(shape) < 2 or f.ndim > len(shape) or any(
+            d != 1 and (ax != 1 or d != shape[1]) for ax, d in enumerate((1,) * (len(shape) - f.ndim) + f.shape)):
+        return None
+    mant, exp = np.frexp(f.reshape(-1))
+    if not np.all(mant == 0.5):
+        return None
+    return (exp - 1).astype(np.int64)
+
+
 def _channel_ok(v: Val, axis: int = 1) -> bool:
     """The per-channel fractional lengths follow ``axis`` of the tensor's shape."""
     if v.nch == 1:
@@ -127,6 +140,22 @@ class BetweenOps:
         self.add(Step("view", node.name, [v], [out]))
 
     op_Flatten = op_Reshape = op_Squeeze = op_Unsqueeze = op_Identity = _view
+
+    def op_Mul(self, node):
+        """A constant power-of-two factor per channel (the depthwise input shifts of
+        :mod:`mxqn_onnx.lowbit.depthwise`) on integer values: exact, and free, as only the
+        fractional lengths change (``x * 2^s`` has ``frac - s``)."""
+        v = self.val(node.input[0], node)
+        shape = self.shape(node.output[0])
+        factor = self.const.get(node.input[1]) if len(node.input) > 1 else None
+        shifts = _channel_pow2(factor, shape) if factor is not None and v.kind == "int" else None
+        if shifts is None or shape != v.shape or not _channel_ok(v):
+            raise refuse(node, "Mul other than integer values by constant powers of two per channel")
+        nch = max(v.nch, shifts.size)
+        frac = (np.broadcast_to(v.frac, (nch,)) - np.broadcast_to(shifts, (nch,))).astype(np.int64)
+        inner = v.inner if nch == v.nch else int(np.prod(shape[2:]))
+        out = self._like(v, node.output[0], shape, frac=frac, inner=inner, quant=None)
+        self.add(Step("view", node.name, [v], [out]))
 
     def op_Dropout(self, node):
         if len(node.output) > 1 and node.output[1]:

@@ -15,6 +15,8 @@ integer hardware); the divided filters keep their integer codes (per-channel wei
 lengths absorb the shift). The maxima come from a first FP32 pass over a few calibration
 samples (:func:`channel_max`); where the producer passes a positive scale through (Relu,
 pools), cross-layer equalization (:mod:`mxqn_onnx.lowbit.align`) can do this without the Mul.
+Under the default ``auto`` the held-back check (:mod:`mxqn_onnx.api`) also converts the graph
+without the shifts and keeps whichever measures better on samples the maxima never saw.
 """
 
 from __future__ import annotations

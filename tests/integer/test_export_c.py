@@ -292,6 +292,39 @@ def test_float_fallbacks_between_layers(tmp_path):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)  # float layers at the end: float rounding
 
 
+def _depthwise_model(seed: int = 2) -> onnx.ModelProto:
+    """Conv 3->8 whose output channels span 2^0..2^-7 of the largest, Relu, depthwise 3x3,
+    Relu, Conv 1x1 8->4: the depthwise input gets per-channel shifts."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * (2.0 ** -np.arange(8)).reshape(-1, 1, 1, 1)
+    wd = rng.standard_normal((8, 1, 3, 3)).astype(np.float32) * (2.0 ** np.arange(8)).reshape(-1, 1, 1, 1)
+    w3 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in ((w1, "w1"), (wd, "wd"), (w3, "w3"))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="c1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+             helper.make_node("Conv", ["r1", "wd"], ["d"], pads=[1] * 4, group=8, name="dw"),
+             helper.make_node("Relu", ["d"], ["r2"], name="r2"),
+             helper.make_node("Conv", ["r2", "w3"], ["y"], name="pw")]
+    g = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 16, 16])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_depthwise_shifts_are_free_in_c(tmp_path):
+    """The shifts' Mul by per-channel powers of two becomes fractional lengths: no step in the
+    C, codes equal to the executor's, outputs equal to onnxruntime's to float rounding."""
+    model = mxqn_onnx.quantize(_depthwise_model(), {"x": synth_data(32, 0)}, **FAST, depthwise_shift="on").model
+    muls = [n for n in model.graph.node if n.name.endswith("_dw_shift")]
+    assert len(muls) == 1
+    info, y, ref = assert_code_for_code(model, synth_data(8, 1), tmp_path / "dw")
+    assert info["float_ops"] == []
+    src = (tmp_path / "dw" / "model.c").read_text()
+    assert f"'{muls[0].name}' */" not in src  # a view: no step runs for it
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": synth_data(8, 1)})[0]
+    np.testing.assert_allclose(y.reshape(got.shape), got, rtol=1e-5, atol=1e-5 * np.abs(got).max())
+
+
 # ---------------------------------------------------------------- refusals and the CLI
 
 
@@ -350,3 +383,15 @@ def test_cli_export_c_replaces_only_earlier_exports(tmp_path):
     build_c(out, tmp_path / "run")
     y, _ = run_c(tmp_path / "run", x, info["output_size"])
     assert y.shape == (4, 10) and np.isfinite(y).all()
+
+
+def test_only_powers_of_two_per_channel_count_as_shifts():
+    from mxqn_onnx.integer.c_ops import _channel_pow2
+
+    shape = (1, 3, 4, 4)
+    np.testing.assert_array_equal(_channel_pow2(np.array([1, 8, 0.25], np.float32).reshape(1, 3, 1, 1), shape),
+                                  [0, 3, -2])
+    np.testing.assert_array_equal(_channel_pow2(np.float32(0.5), shape), [-1])
+    assert _channel_pow2(np.array([1, 3, 4], np.float32).reshape(1, 3, 1, 1), shape) is None  # 3 is no shift
+    assert _channel_pow2(np.array([1, -2, 4], np.float32).reshape(3, 1, 1), shape) is None  # a sign flip
+    assert _channel_pow2(np.ones((1, 1, 4, 1), np.float32), shape) is None  # along another axis

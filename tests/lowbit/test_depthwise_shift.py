@@ -84,8 +84,8 @@ def test_shifts_from_maxima():
 
 def test_conversion_with_shifts_measures_better(tmp_path):
     model, x = _net(), _data()
-    plain = mxqn_onnx.quantize(model, x, abits=6)
-    shifted = mxqn_onnx.quantize(model, x, abits=6, depthwise_shift=True)
+    plain = mxqn_onnx.quantize(model, x, abits=6, depthwise_shift="off")
+    shifted = mxqn_onnx.quantize(model, x, abits=6, depthwise_shift="on")
     rec = shifted.report()["depthwise_shift"]
     assert rec["tensors"] == 1 and sum(rec["channels_by_shift"].values()) == C
     assert plain.depthwise_shift is None and "depthwise_shift" not in plain.report()
@@ -97,6 +97,67 @@ def test_conversion_with_shifts_measures_better(tmp_path):
     def sqnr(q):
         return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - _run(q.model, test)) ** 2))
     assert sqnr(shifted) > sqnr(plain) + 6  # on data it never saw
+
+
+def test_auto_keeps_shifts_that_help_on_held_back_samples():
+    """The default (``auto``) converts with and without the shifts and keeps the better on the
+    held-back samples: on the planted net, the shifts."""
+    model, x = _net(), _data()
+    res = mxqn_onnx.quantize(model, x, abits=6)
+    assert res.config.depthwise_shift == "auto"
+    sq = res.holdout["sqnr_db"]
+    assert res.holdout["kept"] == "default" and sq["default"] > sq["no depthwise shift"] + 6
+    assert res.depthwise_shift["tensors"] == 1
+    assert _shift_muls(res.model) == 1
+    assert "depthwise_shift" in res.report()
+
+
+def _shift_muls(model: onnx.ModelProto) -> int:
+    return sum(n.op_type == "Mul" and n.name.endswith("_dw_shift") for n in model.graph.node)
+
+
+def _drift_net() -> onnx.ModelProto:
+    """HardSwish on the input, depthwise 3x3 (group 4), Conv 1x1 4->2."""
+    rng = np.random.default_rng(3)
+    wd = rng.normal(size=(4, 1, 3, 3)).astype(np.float32)
+    w2 = rng.normal(size=(2, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("HardSwish", ["x"], ["h"], name="hswish"),
+             helper.make_node("Conv", ["h", "wd"], ["d"], pads=[1, 1, 1, 1], group=4, name="dw"),
+             helper.make_node("Conv", ["d", "w2"], ["y"], name="pw")]
+    g = helper.make_graph(nodes, "drift", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 8, 8])],
+                          [numpy_helper.from_array(wd, "wd"), numpy_helper.from_array(w2, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    return m
+
+
+def _drifting_data(n: int = 32) -> np.ndarray:
+    """After the first quarter (the held-back samples) channels 1..3 are 2^6 smaller: the
+    shifts measured there lift them 2^6, too far for the held-back samples."""
+    x = np.random.default_rng(4).normal(size=(n, 4, 8, 8)).astype(np.float32) * 4
+    x[n // 4:, 1:] *= 2.0 ** -6
+    return x
+
+
+def test_auto_drops_shifts_that_do_not_hold_on_held_back_samples():
+    """Shifts measured on samples unlike the held-back ones hurt those: ``auto`` measures that
+    and keeps a conversion without them (no Mul, no record), where ``on`` keeps them anyway."""
+    model, x = _drift_net(), _drifting_data()
+    on = mxqn_onnx.quantize(model, x, depthwise_shift="on")
+    auto = mxqn_onnx.quantize(model, x)
+    assert on.depthwise_shift["tensors"] == 1 and _shift_muls(on.model) == 1
+    sq = auto.holdout["sqnr_db"]
+    assert auto.holdout["kept"] in ("no depthwise shift", "paper") and sq["no depthwise shift"] > sq["default"]
+    assert auto.depthwise_shift is None and "depthwise_shift" not in auto.report()
+    assert _shift_muls(auto.model) == 0
+    assert auto.config.depthwise_shift == "off"
+
+
+def test_auto_without_a_held_back_check_shifts_nothing():
+    model, x = _net(), _data()
+    res = mxqn_onnx.quantize(model, x, abits=6, verify=False)
+    assert res.depthwise_shift is None and _shift_muls(res.model) == 0
 
 
 def test_nothing_to_shift_is_recorded_as_such(digits_model, digits_calib):
@@ -120,7 +181,7 @@ def test_cli_flag_and_summary(tmp_path):
     onnx.save(_net(), tmp_path / "dw.onnx")
     np.savez(tmp_path / "calib.npz", x=_data(32))
     p = run_cli("convert", tmp_path / "dw.onnx", tmp_path / "q.onnx", "--calib", tmp_path / "calib.npz",
-                "--depthwise-shift", "--report", tmp_path / "r.json")
+                "--depthwise-shift", "on", "--report", tmp_path / "r.json")
     assert p.returncode == 0, p.stderr
     assert "depthwise input shifts: 1 tensors, 1 convs" in p.stdout
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
