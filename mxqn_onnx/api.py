@@ -40,7 +40,7 @@ from .memory import release_freed_memory
 from .mixed import search as mixed
 from .mixed.search import packed_weight_bytes
 from .mixed.sensitivity import make_probe
-from .quant.choose import ActDecision, LayerDecision, choose_all, model_rounding_cost
+from .quant.choose import ActDecision, LayerDecision, choose_all, model_rounding_cost, without_bias_correction
 from .quant.quantizers import combine_sqnr_db
 from .report.measure import VERIFY_TOLERANCE_DB, Comparison, compare
 from .report.plots import histogram_summary
@@ -471,6 +471,7 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
         default.holdout = record
         return default, None
     feeds = first_samples(source, stats.kept, stats.held_back)
+    chosen = {_choice_key(graph, config): (default.layers, default.activations)}
     best, best_db, session = default, None, None
     # the default goes last, winning ties: its session, the last made, then serves verification
     for name, cfg, base in variants[1:] + variants[:1]:
@@ -478,7 +479,7 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
             cand = default
         else:
             g, ls = _layers_of_copy(base, cfg)
-            d, a = choose_all(ls, stats.hists, cfg, None, stats.samples, stats.means)
+            d, a = _choose_candidate(ls, base, cfg, stats, chosen)
             cand = _result(source_model, prepared, ls, skipped, d, a, stats, None, cfg)
             if base is not graph:
                 cand.depthwise_shift = None
@@ -495,6 +496,26 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     best.held_back_comparison = best_c  # verification goes on from it
     _set_metadata(best.model, best.decisions())
     return best, session if best is cand else None
+
+
+def _choice_key(graph: gs.Graph, config: QuantConfig) -> tuple:
+    """What a candidate's choices depend on, bias correction aside."""
+    d = {**config.to_dict(), "bias_correction": None, "depthwise_shift": None}
+    return id(graph), json.dumps(d, sort_keys=True, default=str)
+
+
+def _choose_candidate(layers: List[Layer], graph: gs.Graph, config: QuantConfig, stats: "_Statistics",
+                      chosen: dict) -> Tuple[List[LayerDecision], Dict[str, ActDecision]]:
+    """A held-back candidate's decisions; one that only drops bias correction from a candidate
+    already chosen on the same graph takes its choices (:func:`without_bias_correction`)."""
+    key = _choice_key(graph, config)
+    if not config.bias_correction and key in chosen:
+        decisions, acts = chosen[key]
+        return without_bias_correction(decisions, layers), acts
+    decisions, acts = choose_all(layers, stats.hists, config, None, stats.samples, stats.means)
+    if config.bias_correction:
+        chosen[key] = (decisions, acts)
+    return decisions, acts
 
 
 def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped], stats: _Statistics,

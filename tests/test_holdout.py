@@ -63,6 +63,14 @@ def test_bias_correction_dropped_where_held_back_samples_disagree(tmp_path):
     assert not any(d.bias_correction for d in res.layers)
     stored = mxqn_onnx.api.json.loads(dict((p.key, p.value) for p in res.model.metadata_props)["mxqn"])
     assert stored["holdout"]["kept"] == ho["kept"]
+    # that candidate took the default's choices minus the correction: the same as choosing
+    # afresh without it (weights, rounding and activations do not depend on the correction)
+    fresh = mxqn_onnx.quantize(model, {"x": x}, wbits=3, abits=8, act_quant="fixed", bias_correction=False)
+    if ho["kept"] == "no bias correction":
+        assert [d.to_dict() for d in res.layers] == [d.to_dict() for d in fresh.layers]
+        assert [i.SerializeToString() for i in res.model.graph.initializer] == \
+            [i.SerializeToString() for i in fresh.model.graph.initializer]
+    assert fresh.holdout["sqnr_db"]["default"] == ho["sqnr_db"]["no bias correction"]
     # the same data without the check keeps the (harmful) correction
     off = mxqn_onnx.quantize(model, {"x": x}, wbits=3, abits=8, act_quant="fixed", holdout=False)
     assert off.holdout is None and any(d.bias_correction for d in off.layers)

@@ -278,6 +278,26 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     return dec
 
 
+def without_bias_correction(decisions: List[LayerDecision], layers: List[Layer]) -> List[LayerDecision]:
+    """What :func:`choose_all` decides with ``bias_correction`` off, from its decisions with it
+    on (``layers`` in the same order): weights, rounding and activation quantizers do not
+    depend on bias correction, so only the corrected layers change (the model's own bias, its
+    fractional length, the layer's output measurement). The held-back check's candidate
+    without bias correction so skips a whole second choice."""
+    out = []
+    for dec, layer in zip(decisions, layers):
+        if not dec.bias_correction:
+            out.append(dec)
+            continue
+        old_note = choose_bias(dec.bias_values, dec.weight, dec.act)[2]
+        frac, sqnr, note = (None, None, "") if layer.bias is None else choose_bias(layer.bias, dec.weight, dec.act)
+        notes = [n for n in dec.notes if n != old_note] + ([note] if note else [])
+        out.append(dataclasses.replace(
+            dec, bias_frac=frac, bias_sqnr_db=sqnr, bias_correction=False, bias_values=None, notes=notes,
+            output_sqnr_db=dec.output_sqnr_uncorrected_db))
+    return out
+
+
 def _input_mean_error(layer: Layer, act: ActDecision, sample: Optional[np.ndarray], mean_in: np.ndarray,
                       hist: Optional[TensorHistogram] = None):
     """Mean of ``Q(x) - x`` per input channel, from the kept samples when there are any.
@@ -310,20 +330,23 @@ def _measure_layer(dec: LayerDecision, layer: Layer, w_rows, wq: np.ndarray, x_r
     xs = [x[:n] for x in x_rows]
     xq = [dec.act.quantize(x.astype(np.float32)) for x in xs]
 
-    def stored(bias):  # the bias as the quantized model holds it (int32 at bias_frac)
-        f = np.broadcast_to(np.asarray(dec.bias_frac, dtype=np.int64), bias.shape)
+    def stored(bias, frac):  # the bias as the quantized model holds it (int32 at frac)
+        f = np.broadcast_to(np.asarray(frac, dtype=np.int64), bias.shape)
         return Q.fxp_quantize(bias, BIAS_BITS, f, True).astype(np.float64)
 
     b0 = None if layer.bias is None else layer.bias.astype(np.float64)
+    # without the correction the model's own bias is stored at the length chosen for it
+    frac0 = dec.bias_frac if b0 is None or not dec.bias_correction else \
+        choose_bias(layer.bias, dec.weight, dec.act)[0]
     sig, err = unfold.output_error(w_rows, xs, xq, unfold.weight_rows(layer, wq), b0)
 
-    def sqnr(bias) -> float:  # with ``bias`` stored in the quantized model (None: no bias)
+    def sqnr(bias, frac) -> float:  # with ``bias`` stored in the quantized model (None: no bias)
         if bias is None and b0 is None:
             return _with_bias(sig, err, None)
-        return _with_bias(sig, err, (0.0 if bias is None else stored(bias)) - (0.0 if b0 is None else b0))
+        return _with_bias(sig, err, (0.0 if bias is None else stored(bias, frac)) - (0.0 if b0 is None else b0))
 
-    dec.output_sqnr_db = sqnr(b)
-    dec.output_sqnr_uncorrected_db = sqnr(b0) if dec.bias_correction else dec.output_sqnr_db
+    dec.output_sqnr_db = sqnr(b, dec.bias_frac)
+    dec.output_sqnr_uncorrected_db = sqnr(b0, frac0) if dec.bias_correction else dec.output_sqnr_db
 
 
 def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: QuantConfig,
