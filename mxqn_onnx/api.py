@@ -471,7 +471,9 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
         default.holdout = record
         return default, None
     feeds = first_samples(source, stats.kept, stats.held_back)
-    chosen = {_choice_key(graph, config): (default.layers, default.activations)}
+    # the default's choices, for the candidates that only drop bias correction from them
+    chosen = {_choice_key(graph, config, _keep_float(find_layers(graph, config.exclude)[0], [], config)[0]):
+              (default.layers, default.activations)}
     best, best_db, session = default, None, None
     # the default goes last, winning ties: its session, the last made, then serves verification
     for name, cfg, base in variants[1:] + variants[:1]:
@@ -498,9 +500,14 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     return best, session if best is cand else None
 
 
-def _choice_key(graph: gs.Graph, config: QuantConfig) -> tuple:
-    """What a candidate's choices depend on, bias correction aside."""
+def _choice_key(graph: gs.Graph, config: QuantConfig, layers: List[Layer]) -> tuple:
+    """What a candidate's choices depend on, bias correction aside (``auto`` rounding that
+    rounds no layer with data is round to nearest)."""
     d = {**config.to_dict(), "bias_correction": None, "depthwise_shift": None}
+    widths = {config.wbits} | ({config.keep_bits} if config.keep_first or config.keep_last else set())
+    cost = model_rounding_cost(layers)
+    if config.rounding == "auto" and not any(config.rounds_with_data(b, cost) for b in widths):
+        d["rounding"] = "nearest"
     return id(graph), json.dumps(d, sort_keys=True, default=str)
 
 
@@ -508,7 +515,7 @@ def _choose_candidate(layers: List[Layer], graph: gs.Graph, config: QuantConfig,
                       chosen: dict) -> Tuple[List[LayerDecision], Dict[str, ActDecision]]:
     """A held-back candidate's decisions; one that only drops bias correction from a candidate
     already chosen on the same graph takes its choices (:func:`without_bias_correction`)."""
-    key = _choice_key(graph, config)
+    key = _choice_key(graph, config, layers)
     if not config.bias_correction and key in chosen:
         decisions, acts = chosen[key]
         return without_bias_correction(decisions, layers), acts

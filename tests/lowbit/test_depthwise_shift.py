@@ -186,3 +186,21 @@ def test_cli_flag_and_summary(tmp_path):
     assert "depthwise input shifts: 1 tensors, 1 convs" in p.stdout
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
     assert "Mul" in ops and ("LogQuant" in ops or "FixedQuant" in ops)
+
+
+def test_candidates_that_only_drop_bias_correction_are_not_chosen_again(monkeypatch):
+    """With shifts on trial and rounding to nearest, two of the four held-back candidates only
+    drop bias correction from another (no bias correction from the default, the paper's from
+    no depthwise shift): two choices in all, and the paper candidate measures exactly what a
+    conversion choosing it afresh measures."""
+    import mxqn_onnx.api as api
+
+    calls = []
+    real = api.choose_all
+    monkeypatch.setattr(api, "choose_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, x = _net(), _data()
+    res = mxqn_onnx.quantize(model, x, abits=6, rounding="nearest")
+    assert set(res.holdout["sqnr_db"]) == {"default", "no bias correction", "no depthwise shift", "paper"}
+    assert len(calls) == 2
+    fresh = mxqn_onnx.quantize(model, x, abits=6, rounding="nearest", bias_correction=False)
+    assert fresh.holdout["sqnr_db"]["no depthwise shift"] == res.holdout["sqnr_db"]["paper"]
