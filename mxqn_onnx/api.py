@@ -337,6 +337,8 @@ def _shift_depthwise_inputs(graph: gs.Graph, source_model: onnx.ModelProto, sour
                 m = depthwise.channel_max(out)
                 maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
     del session
+    if auto and depthwise.largest_shift(maxima) < depthwise.AUTO_MIN_SHIFT:
+        return None, None  # nothing worth a trial (see AUTO_MIN_SHIFT)
     before = graph.copy() if auto else None  # shares the weight arrays; the shifts make new ones
     record = depthwise.shift_depthwise_inputs(graph, maxima)
     if auto and record["tensors"] == 0:

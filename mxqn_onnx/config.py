@@ -75,7 +75,8 @@ class QuantConfig:
             the powers of two stays in the graph), from a first FP32 pass over 16 calibration
             samples (:mod:`mxqn_onnx.lowbit.depthwise`): ``on``, ``off``, or ``auto`` (shift, and
             keep the shifts only where the held-back check measures them better than the same
-            conversion without; no shifts where that check cannot run). ``True``/``False``
+            conversion without; tried only where some channel needs a shift of 4 or more, and not
+            where that check cannot run). ``True``/``False``
             stand for ``on``/``off``.
         holdout: hold back the first calibration samples (a quarter, 2 to 8) from the channel
             means of bias correction and from the samples of data-aware rounding, then keep

@@ -30,6 +30,11 @@ import onnx_graphsurgeon as gs
 SAMPLES = 16
 #: the largest shift: channels 2^12 below the tensor's maximum are as good as dead
 MAX_SHIFT = 12
+#: under ``auto``, the shifts are tried only where some channel needs at least this one (its
+#: maximum 16x below its tensor's): smaller spreads cost those channels at most 3 bits, and on
+#: the DBNet-style cost detector (shifts up to 3) the trial measured +0.0 dB for 1.6x the
+#: whole conversion's time (24.4 s against 15.3 s)
+AUTO_MIN_SHIFT = 4
 
 
 def depthwise_inputs(graph: gs.Graph) -> Dict[str, List[gs.Node]]:
@@ -64,6 +69,11 @@ def shifts_for(maxima: np.ndarray) -> np.ndarray:
     if top > 0:
         s[live] = np.clip(np.floor(np.log2(top / m[live])), 0, MAX_SHIFT).astype(np.int64)
     return s
+
+
+def largest_shift(maxima: Dict[str, np.ndarray]) -> int:
+    """The largest shift any channel of ``maxima`` would get (0 for none)."""
+    return max((int(shifts_for(m).max(initial=0)) for m in maxima.values()), default=0)
 
 
 def shift_depthwise_inputs(graph: gs.Graph, maxima: Dict[str, np.ndarray]) -> dict:

@@ -204,3 +204,14 @@ def test_candidates_that_only_drop_bias_correction_are_not_chosen_again(monkeypa
     assert len(calls) == 2
     fresh = mxqn_onnx.quantize(model, x, abits=6, rounding="nearest", bias_correction=False)
     assert fresh.holdout["sqnr_db"]["no depthwise shift"] == res.holdout["sqnr_db"]["paper"]
+
+
+def test_auto_tries_no_shifts_for_small_spreads():
+    """Channel maxima within 2^3 of the tensor's: ``auto`` leaves the graph alone (no trial
+    candidate), ``on`` shifts anyway."""
+    x = np.random.default_rng(4).normal(size=(32, 4, 8, 8)).astype(np.float32) * 4
+    x[:, 1:] *= 2.0 ** -3
+    auto = mxqn_onnx.quantize(_drift_net(), x)
+    assert auto.depthwise_shift is None and "no depthwise shift" not in auto.holdout["sqnr_db"]
+    on = mxqn_onnx.quantize(_drift_net(), x, depthwise_shift="on")
+    assert on.depthwise_shift["tensors"] == 1 and max(map(int, on.depthwise_shift["channels_by_shift"])) == 3
