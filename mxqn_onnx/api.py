@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -32,7 +33,7 @@ from .graph import functions
 from .graph.containers import weight_container
 from .graph.layers import Layer, Skipped, find_layers, keep_ends_in_float
 from .graph.loading import (METADATA_KEY, MIN_OPSET, ModelLike, export_fp32, export_fp32_stubbed, load_model,
-                            normalise, raise_opset)
+                            normalise, raise_opset, with_weights_left_in_file)
 from .graph.rewrite import FORMAT_VERSION, rewrite
 from .lowbit import correction, depthwise
 from .lowbit.align import align_channel_ranges, equalize_and_measure
@@ -181,7 +182,12 @@ def quantize(
     source = make_source(calibration, input_specs(source_model), config.batch_size, preprocess, image_size,
                          random_count=config.calib_count)
     if config.equalize == "off" or not config.verify or not source.reiterable:
-        return _quantize(source_model, source, config, t0, progress, validation)
+        # read from a file, the model is ours to hand over: _quantize drops its weights once
+        # the graph is built (no reference to it may stay here)
+        path = None if isinstance(model, onnx.ModelProto) else Path(model)
+        handed = [source_model]
+        del source_model
+        return _quantize(handed.pop(), source, config, t0, progress, validation, path)
     return _with_and_without_equalization(source_model, source, config, t0, progress, validation)
 
 
@@ -218,9 +224,16 @@ def _set_metadata(model: onnx.ModelProto, decisions: dict) -> None:
 
 
 def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig, t0: float, progress: bool,
-              validation) -> QuantResult:
-    """One conversion of a loaded model (see :func:`quantize`), stage by stage."""
+              validation, source_path: Optional[Path] = None) -> QuantResult:
+    """One conversion of a loaded model (see :func:`quantize`), stage by stage.
+
+    ``source_path``: the file ``source_model`` was read from, when nothing else holds the
+    model: its weights are then dropped once the graph is built (the rare session on the
+    FP32 source reads them from the file again).
+    """
     prepared = _prepare_graph(source_model, source, config)
+    if source_path is not None and validation is None:  # labelled validation runs the source often
+        source_model = with_weights_left_in_file(source_model, source_path)
     layers, skipped = _find_layers(prepared.graph, config)
     release_freed_memory()  # the parse, upgrade and fold leave freed blocks behind
     t_load = time.perf_counter()
@@ -241,9 +254,13 @@ def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantCo
     result = _result(source_model, prepared, layers, skipped, decisions, acts, stats, outcome, config)
     pristine = prepared.graph.copy() if stats.held_back else None  # rewrite edits the graph it gets
     result.model = _rewrite(prepared.graph, layers, result, source_model)
+    del layers  # their nodes hold the rewritten graph, which is done with now
     t_rewrite = time.perf_counter()
     session = None  # on the written model, when the held-back check has made one
     if pristine is not None:
+        # the candidates start from the pristine copy: the rewritten graph (the written model's
+        # weights once more) need not live through the check's sessions
+        prepared = dataclasses.replace(prepared, graph=pristine)
         result, session = _check_on_held_back(result, pristine, prepared, skipped, stats, source_model, source,
                                               config)
     stats.samples = {}  # the data-aware steps are done with the kept layer inputs
@@ -278,6 +295,8 @@ class _Prepared:
     priors: Optional[correction.Priors]
     #: depthwise input shifts: tensors, convs, channels per shift (None: off)
     depthwise_shift: Optional[dict] = None
+    #: the source model's serialised size (its weights may be dropped later)
+    source_bytes: int = 0
 
 
 def _prepare_graph(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig) -> _Prepared:
@@ -296,7 +315,7 @@ def _prepare_graph(source_model: onnx.ModelProto, source: DataSource, config: Qu
     if config.align_channels and config.weight_granularity != "tensor":
         align_channel_ranges(graph, config.wbits)
     shifts = _shift_depthwise_inputs(graph, source_model, source) if config.depthwise_shift else None
-    return _Prepared(graph, equalization, priors, shifts)
+    return _Prepared(graph, equalization, priors, shifts, source_model.ByteSize())
 
 
 def _shift_depthwise_inputs(graph: gs.Graph, source_model: onnx.ModelProto, source: DataSource) -> dict:
@@ -551,7 +570,7 @@ def _result(source_model: onnx.ModelProto, prepared: _Prepared, layers: List[Lay
     return QuantResult(
         model=onnx.ModelProto(), layers=decisions, activations=acts, float_layers=skipped,
         predicted_sqnr_db=combine_sqnr_db(terms), comparison=None, calibration_samples=stats.n_samples,
-        size_before=source_model.ByteSize(), size_after=0, config=config,
+        size_before=prepared.source_bytes, size_after=0, config=config,
         opset=max(int(prepared.graph.opset), MIN_OPSET),
         allocation=outcome.record if outcome else None,
         equalization=prepared.equalization,

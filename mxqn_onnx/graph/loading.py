@@ -301,6 +301,50 @@ def with_weight_stubs(model: onnx.ModelProto, types=STUB_TYPES) -> Tuple[onnx.Mo
     return light, stubbed
 
 
+#: External-data location of a weight left in the model file it was read from (a stub of
+#: :func:`with_weights_left_in_file`; the file's path, size and mtime are its other entries).
+SOURCE_FILE = "mxqn-source-file"
+
+
+def with_weights_left_in_file(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """A copy of ``model`` (read from ``path``) whose large weights are stubs pointing back at
+    the file (:func:`weights_left_in_file` reads them again, should a session need them)."""
+    light, stubbed = with_weight_stubs(model)
+    st = os.stat(path)
+    where = {"location": SOURCE_FILE, "path": str(Path(path).resolve()), "size": str(st.st_size),
+             "mtime_ns": str(st.st_mtime_ns)}
+    names = {t.name for t in stubbed}
+    for t in light.graph.initializer:
+        if t.name in names:
+            del t.external_data[:]
+            for key, value in where.items():
+                t.external_data.add(key=key, value=value)
+    return light
+
+
+def weights_left_in_file(model: onnx.ModelProto) -> Dict[str, np.ndarray]:
+    """The arrays of ``model``'s :func:`with_weights_left_in_file` stubs, read from their file
+    again (which must not have changed since)."""
+    wanted: Dict[str, Dict[str, str]] = {}
+    for t in model.graph.initializer:
+        entries = {e.key: e.value for e in t.external_data}
+        if t.data_location == onnx.TensorProto.EXTERNAL and entries.get("location") == SOURCE_FILE:
+            wanted[t.name] = entries
+    out: Dict[str, np.ndarray] = {}
+    for path in {e["path"] for e in wanted.values()}:
+        first = next(e for e in wanted.values() if e["path"] == path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is None or (str(st.st_size), str(st.st_mtime_ns)) != (first["size"], first["mtime_ns"]):
+            raise MxqnError(f"{path}: the model file changed during the conversion; convert it again")
+        for t in read_model(path).graph.initializer:
+            if t.name in wanted:
+                out[t.name] = onnx.numpy_helper.to_array(t)
+    return out
+
+
 def export_fp32_stubbed(graph: gs.Graph, source: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[str, np.ndarray]]:
     """:func:`export_fp32` with every large weight a :func:`weight_stub`, and the graph's own
     arrays for them (not copies): a session needs no second copy of the weights."""
