@@ -25,7 +25,8 @@ import onnxruntime as ort
 
 from ._version import __version__
 from .calibration.calibrate import collect_histograms, make_session
-from .calibration.data import CalibrationLike, DataSource, first_samples, held_back_count, input_specs, make_source
+from .calibration.data import (CalibrationLike, DataSource, first_samples, held_back_count, input_specs,
+                               make_source, take_batches)
 from .calibration.observers import ReferenceOutputs, TensorHistogram, TensorSample
 from .config import QuantConfig
 from .errors import MxqnError
@@ -182,12 +183,10 @@ def quantize(
     source = make_source(calibration, input_specs(source_model), config.batch_size, preprocess, image_size,
                          random_count=config.calib_count)
     if config.equalize == "off" or not config.verify or not source.reiterable:
-        # read from a file, the model is ours to hand over: _quantize drops its weights once
-        # the graph is built (no reference to it may stay here)
-        path = None if isinstance(model, onnx.ModelProto) else Path(model)
-        handed = [source_model]
+        handed = [source_model]  # read from a file, it is ours: no reference may stay here
         del source_model
-        return _quantize(handed.pop(), source, config, t0, progress, validation, path)
+        return _quantize(handed.pop(), source, config, t0, progress, validation,
+                         None if isinstance(model, onnx.ModelProto) else Path(model))
     return _with_and_without_equalization(source_model, source, config, t0, progress, validation)
 
 
@@ -225,12 +224,8 @@ def _set_metadata(model: onnx.ModelProto, decisions: dict) -> None:
 
 def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig, t0: float, progress: bool,
               validation, source_path: Optional[Path] = None) -> QuantResult:
-    """One conversion of a loaded model (see :func:`quantize`), stage by stage.
-
-    ``source_path``: the file ``source_model`` was read from, when nothing else holds the
-    model: its weights are then dropped once the graph is built (the rare session on the
-    FP32 source reads them from the file again).
-    """
+    """One conversion of a loaded model (see :func:`quantize`), stage by stage. ``source_path``: the
+    file of a model nothing else holds, whose weights go once the graph is built (peak memory)."""
     prepared = _prepare_graph(source_model, source, config)
     if source_path is not None and validation is None:  # labelled validation runs the source often
         source_model = with_weights_left_in_file(source_model, source_path)
@@ -258,9 +253,7 @@ def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantCo
     t_rewrite = time.perf_counter()
     session = None  # on the written model, when the held-back check has made one
     if pristine is not None:
-        # the candidates start from the pristine copy: the rewritten graph (the written model's
-        # weights once more) need not live through the check's sessions
-        prepared = dataclasses.replace(prepared, graph=pristine)
+        prepared = dataclasses.replace(prepared, graph=pristine)  # the rewritten graph can go
         result, session = _check_on_held_back(result, pristine, prepared, skipped, stats, source_model, source,
                                               config)
     stats.samples = {}  # the data-aware steps are done with the kept layer inputs
@@ -295,8 +288,7 @@ class _Prepared:
     priors: Optional[correction.Priors]
     #: depthwise input shifts: tensors, convs, channels per shift (None: off)
     depthwise_shift: Optional[dict] = None
-    #: the source model's serialised size (its weights may be dropped later)
-    source_bytes: int = 0
+    source_bytes: int = 0  # the source model's serialised size (its weights may go later)
 
 
 def _prepare_graph(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig) -> _Prepared:
@@ -495,7 +487,7 @@ def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped
 
     def batches(limit: int):
         return list(source.batches(min(limit, config.calib_count or limit))) if source.reiterable \
-            else _take(stats.kept, limit)
+            else take_batches(stats.kept, limit)
 
     opset = max(int(graph.opset), MIN_OPSET)
     probe = make_probe(fp32, layers, stats.hists, batches(config.probe_count), config, opset)
@@ -541,17 +533,6 @@ def _choose(layers: List[Layer], stats: _Statistics, outcome: Optional[mixed.Out
     """
     return choose_all(layers, stats.hists, config, outcome.bits if outcome else None, stats.samples,
                       stats.means)
-
-
-def _take(batches, limit: int):
-    """The first batches holding up to ``limit`` samples."""
-    out, n = [], 0
-    for b in batches:
-        if n >= limit:
-            break
-        out.append(b)
-        n += int(next(iter(b.values())).shape[0])
-    return out
 
 
 def _result(source_model: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], skipped: List[Skipped],
