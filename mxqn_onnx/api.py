@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -22,18 +22,16 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from ._version import __version__
 from .calibration.calibrate import collect_histograms, make_session
-from .calibration.data import CalibrationLike, DataSource, first_samples, held_back_count, input_specs, make_source
+from .calibration.data import (CalibrationLike, DataSource, first_samples, held_back_count, input_specs,
+                               make_source, take_batches)
 from .calibration.observers import ReferenceOutputs, TensorHistogram, TensorSample
 from .config import QuantConfig
 from .errors import MxqnError
-from .graph import functions
-from .graph.containers import weight_container
 from .graph.layers import Layer, Skipped, find_layers, keep_ends_in_float
-from .graph.loading import (METADATA_KEY, MIN_OPSET, ModelLike, export_fp32, export_fp32_stubbed, load_model,
-                            normalise, raise_opset)
-from .graph.rewrite import FORMAT_VERSION, rewrite
+from .graph.loading import (MIN_OPSET, ModelLike, export_fp32, export_fp32_stubbed, load_model,
+                            normalise, raise_opset, with_weights_left_in_file)
+from .graph.rewrite import rewrite
 from .lowbit import correction, depthwise
 from .lowbit.align import align_channel_ranges, equalize_and_measure
 from .memory import release_freed_memory
@@ -44,107 +42,7 @@ from .quant.choose import ActDecision, LayerDecision, choose_all, model_rounding
 from .quant.quantizers import combine_sqnr_db
 from .report.measure import VERIFY_TOLERANCE_DB, Comparison, compare
 from .report.plots import histogram_summary
-from .writing import save_model_atomic
-
-
-def _finite(x):
-    """JSON-safe number: infinities (noise-free tensors) become None."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, float):
-        return round(x, 4)
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
-@dataclass
-class QuantResult:
-    """The converted model and what was decided and measured."""
-
-    model: onnx.ModelProto
-    layers: List[LayerDecision]
-    activations: Dict[str, ActDecision]
-    float_layers: List[Skipped]
-    predicted_sqnr_db: float
-    comparison: Optional[Comparison]
-    calibration_samples: int
-    size_before: int
-    size_after: int
-    timings: Dict[str, float] = field(default_factory=dict)
-    config: QuantConfig = field(default_factory=QuantConfig)
-    opset: int = 0  # the output's default-domain opset (decides the weight containers)
-    #: mixed precision: what was allocated, predicted, measured and evaluated (None: uniform)
-    allocation: Optional[dict] = None
-    #: compact calibration histogram per activation tensor (for plots; report only)
-    histograms: Dict[str, dict] = field(default_factory=dict)
-    packed_weight_bytes: int = 0  # weights packed at their widths + int32 biases
-    #: where bias correction took the input channel means: "data" or "batchnorm" (data-free)
-    bias_means: str = "data"
-    #: cross-layer equalization: pairs, channels and per-layer weight SQNR before/after (None: off)
-    equalization: Optional[dict] = None
-    #: the held-back check of the data-derived defaults: samples, SQNR per candidate, kept
-    holdout: Optional[dict] = None
-    #: depthwise input shifts: tensors, convs, channels per shift (None: off)
-    depthwise_shift: Optional[dict] = None
-    #: the kept candidate's comparison on the held-back samples (verification resumes it)
-    held_back_comparison: Optional[Comparison] = None
-
-    @property
-    def measured_sqnr_db(self) -> Optional[float]:
-        return self.comparison.output_sqnr_db if self.comparison else None
-
-    def decisions(self) -> dict:
-        """The per-layer decisions, as stored in the model's metadata."""
-        d = self._decisions()
-        if self.allocation is not None:
-            d["allocation"] = _finite(self.allocation)
-        if self.equalization is not None:
-            d["equalization"] = _finite(self.equalization)
-        if self.holdout is not None:
-            d["holdout"] = _finite(self.holdout)
-        if self.depthwise_shift is not None:
-            d["depthwise_shift"] = self.depthwise_shift
-        return d
-
-    def _decisions(self) -> dict:
-        return _finite({
-            "format": self.config.format,
-            "format_version": FORMAT_VERSION,
-            "opset": self.opset,
-            "producer": f"mxqn-onnx {__version__}",
-            "domain": functions.DOMAIN,
-            "config": self.config.to_dict(),
-            "layers": [_with_container(d.to_dict(), self.opset) for d in self.layers],
-            "activations": [vars(a) for a in self.activations.values()],
-            "float_layers": [vars(s) for s in self.float_layers],
-            "predicted_output_sqnr_db": self.predicted_sqnr_db,
-            "calibration_samples": self.calibration_samples,
-            "bias_means": self.bias_means,
-        })
-
-    def report(self) -> dict:
-        """Decisions plus measurements (output SQNR, sizes, timings) as a JSON-ready dict."""
-        d = self.decisions()
-        d["measured"] = _finite(self.comparison.to_dict()) if self.comparison else None
-        d["size_bytes"] = {"before": self.size_before, "after": self.size_after,
-                           "packed_weights": self.packed_weight_bytes}
-        if self.histograms:
-            d["histograms"] = _finite(self.histograms)
-        d["timing_s"] = _finite(self.timings)
-        return d
-
-    def save(self, path) -> None:
-        """Write the model atomically (temporary file in the same folder, then rename)."""
-        save_model_atomic(self.model, path)
-
-
-def _with_container(layer: dict, opset: int) -> dict:
-    """Add the weight's storage type: 5-7 bit codes still take a whole int8 each."""
-    layer["weight"]["container"] = weight_container(layer["weight"]["bits"], opset)
-    return layer
+from .result import QuantResult, set_metadata
 
 
 def quantize(
@@ -181,7 +79,10 @@ def quantize(
     source = make_source(calibration, input_specs(source_model), config.batch_size, preprocess, image_size,
                          random_count=config.calib_count)
     if config.equalize == "off" or not config.verify or not source.reiterable:
-        return _quantize(source_model, source, config, t0, progress, validation)
+        handed = [source_model]  # read from a file, it is ours: no reference may stay here
+        del source_model
+        return _quantize(handed.pop(), source, config, t0, progress, validation,
+                         None if isinstance(model, onnx.ModelProto) else Path(model))
     return _with_and_without_equalization(source_model, source, config, t0, progress, validation)
 
 
@@ -202,25 +103,21 @@ def _with_and_without_equalization(source_model: onnx.ModelProto, source: DataSo
     result.equalization = {**with_eq.equalization, "kept": kept,
                            "measured_with_db": with_eq.measured_sqnr_db,
                            "measured_without_db": without.measured_sqnr_db}
-    _set_metadata(result.model, result.decisions())
+    set_metadata(result.model, result.decisions())
     result.timings["convert_total"] = time.perf_counter() - t0
     return result
-
-
-def _set_metadata(model: onnx.ModelProto, decisions: dict) -> None:
-    """Replace the stored decisions (the ``mxqn`` metadata entry) of a converted model."""
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            prop.value = json.dumps(decisions, sort_keys=True)
 
 
 # --------------------------------------------------------------------------- the pipeline
 
 
 def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig, t0: float, progress: bool,
-              validation) -> QuantResult:
-    """One conversion of a loaded model (see :func:`quantize`), stage by stage."""
+              validation, source_path: Optional[Path] = None) -> QuantResult:
+    """One conversion of a loaded model (see :func:`quantize`), stage by stage. ``source_path``: the
+    file of a model nothing else holds, whose weights go once the graph is built (peak memory)."""
     prepared = _prepare_graph(source_model, source, config)
+    if source_path is not None and validation is None:  # labelled validation runs the source often
+        source_model = with_weights_left_in_file(source_model, source_path)
     layers, skipped = _find_layers(prepared.graph, config)
     release_freed_memory()  # the parse, upgrade and fold leave freed blocks behind
     t_load = time.perf_counter()
@@ -241,9 +138,11 @@ def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantCo
     result = _result(source_model, prepared, layers, skipped, decisions, acts, stats, outcome, config)
     pristine = prepared.graph.copy() if stats.held_back else None  # rewrite edits the graph it gets
     result.model = _rewrite(prepared.graph, layers, result, source_model)
+    del layers  # their nodes hold the rewritten graph, which is done with now
     t_rewrite = time.perf_counter()
     session = None  # on the written model, when the held-back check has made one
     if pristine is not None:
+        prepared = dataclasses.replace(prepared, graph=pristine)  # the rewritten graph can go
         result, session = _check_on_held_back(result, pristine, prepared, skipped, stats, source_model, source,
                                               config)
     stats.samples = {}  # the data-aware steps are done with the kept layer inputs
@@ -280,6 +179,7 @@ class _Prepared:
     depthwise_shift: Optional[dict] = None
     #: the graph before the depthwise shifts, when the held-back check judges them (``auto``)
     unshifted: Optional[gs.Graph] = None
+    source_bytes: int = 0  # the source model's serialised size (its weights may go later)
 
 
 def _prepare_graph(source_model: onnx.ModelProto, source: DataSource, config: QuantConfig) -> _Prepared:
@@ -299,7 +199,7 @@ def _prepare_graph(source_model: onnx.ModelProto, source: DataSource, config: Qu
         align_channel_ranges(graph, config.wbits)
     shifts, unshifted = _shift_depthwise_inputs(graph, source_model, source, config) \
         if config.depthwise_shift != "off" else (None, None)
-    return _Prepared(graph, equalization, priors, shifts, unshifted)
+    return _Prepared(graph, equalization, priors, shifts, unshifted, source_model.ByteSize())
 
 
 def _shift_depthwise_inputs(graph: gs.Graph, source_model: onnx.ModelProto, source: DataSource,
@@ -498,7 +398,7 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     record["sqnr_db"] = {name: record["sqnr_db"][name] for name, _, _ in variants}  # in the report's order
     best.holdout = record
     best.held_back_comparison = best_c  # verification goes on from it
-    _set_metadata(best.model, best.decisions())
+    set_metadata(best.model, best.decisions())
     return best, session if best is cand else None
 
 
@@ -542,7 +442,7 @@ def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped
 
     def batches(limit: int):
         return list(source.batches(min(limit, config.calib_count or limit))) if source.reiterable \
-            else _take(stats.kept, limit)
+            else take_batches(stats.kept, limit)
 
     opset = max(int(graph.opset), MIN_OPSET)
     probe = make_probe(fp32, layers, stats.hists, batches(config.probe_count), config, opset)
@@ -590,17 +490,6 @@ def _choose(layers: List[Layer], stats: _Statistics, outcome: Optional[mixed.Out
                       stats.means)
 
 
-def _take(batches, limit: int):
-    """The first batches holding up to ``limit`` samples."""
-    out, n = [], 0
-    for b in batches:
-        if n >= limit:
-            break
-        out.append(b)
-        n += int(next(iter(b.values())).shape[0])
-    return out
-
-
 def _result(source_model: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], skipped: List[Skipped],
             decisions: List[LayerDecision], acts: Dict[str, ActDecision], stats: _Statistics,
             outcome: Optional[mixed.Outcome], config: QuantConfig) -> QuantResult:
@@ -617,7 +506,7 @@ def _result(source_model: onnx.ModelProto, prepared: _Prepared, layers: List[Lay
     return QuantResult(
         model=onnx.ModelProto(), layers=decisions, activations=acts, float_layers=skipped,
         predicted_sqnr_db=combine_sqnr_db(terms), comparison=None, calibration_samples=stats.n_samples,
-        size_before=source_model.ByteSize(), size_after=0, config=config,
+        size_before=prepared.source_bytes, size_after=0, config=config,
         opset=max(int(prepared.graph.opset), MIN_OPSET),
         allocation=outcome.record if outcome else None,
         equalization=prepared.equalization,

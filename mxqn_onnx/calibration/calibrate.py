@@ -12,7 +12,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from ..errors import MxqnError, first_line
-from ..graph.loading import with_weight_stubs
+from ..graph.loading import weights_left_in_file, with_weight_stubs
 from ..memory import release_freed_memory
 from .data import DataSource, batch_len, fixed_batch
 from .observers import NonFiniteError, ReferenceOutputs, TensorHistogram, TensorSample
@@ -34,6 +34,9 @@ def _split_weights(model: onnx.ModelProto, extra_outputs: Sequence[str]):
     added, plus the names and arrays of what the stubs stand for."""
     light, stubbed = with_weight_stubs(model)
     names, arrays = [t.name for t in stubbed], [numpy_helper.to_array(t) for t in stubbed]
+    for name, array in weights_left_in_file(model).items():  # a source model without its weights
+        names.append(name)
+        arrays.append(array)
     present = {o.name for o in light.graph.output}
     for name in dict.fromkeys(extra_outputs):
         if name not in present:

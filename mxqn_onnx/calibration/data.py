@@ -412,6 +412,17 @@ def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
     return count if total >= 4 * count else 0
 
 
+def take_batches(batches, limit: int):
+    """The first batches holding up to ``limit`` samples."""
+    out, n = [], 0
+    for b in batches:
+        if n >= limit:
+            break
+        out.append(b)
+        n += int(next(iter(b.values())).shape[0])
+    return out
+
+
 def first_samples(source: DataSource, kept: list, count: int) -> list:
     """The first ``count`` calibration samples as feeds (from the source, or the kept batches)."""
     batches = source.batches(count) if source.reiterable else iter(kept)

@@ -1,6 +1,6 @@
 """Pictures of a conversion: where the noise comes from and what each quantizer looks like.
 
-Everything is drawn from the report dict (:meth:`mxqn_onnx.api.QuantResult.report`, or the
+Everything is drawn from the report dict (:meth:`mxqn_onnx.result.QuantResult.report`, or the
 JSON stored in a converted model's metadata), so a converted model can be plotted later.
 matplotlib is an optional extra (``pip install mxqn-onnx[plot]``); it is imported only when
 a plot is drawn. :func:`histogram_summary` (used by the converter) needs numpy only.

@@ -103,3 +103,32 @@ def test_layers_left_in_float_are_listed():
     assert [l.name for l in layers] == ["fc"]
     assert {s.name: s.reason for s in skipped} == {"gram": "no constant weight operand",
                                                    "mix": "no constant weight operand"}
+
+
+def test_normalised_graph_shares_nothing_with_the_parsed_copy(monkeypatch):
+    # a protobuf field or sub-message keeps its whole model (every weight) alive: the graph
+    # must not hold any part of the copy normalise parses, or that copy lives on with it
+    from graph_helpers import small_cnn
+
+    parsed = []
+    real_import = loading.gs.import_onnx
+
+    def spy(model):
+        parsed.append(model)
+        return real_import(model)
+
+    monkeypatch.setattr(loading.gs, "import_onnx", spy)
+    graph = normalise(small_cnn())
+    lazy = [t for t in graph.tensors().values()
+            if isinstance(t, gs.Constant) and isinstance(t._values, gs.ir.tensor.LazyValues)]
+    assert lazy, "the Gemm's weights stay lazily read (nothing folds into them)"
+    before = {t.name: (tuple(t._values.shape), t._values.load()) for t in lazy}
+    copy = parsed[0]  # change the parsed copy everywhere: the graph must not see it
+    copy.opset_import[0].version = 99
+    for init in copy.graph.initializer:
+        init.dims[0] = 7
+        init.raw_data = b""
+    assert [o.version for o in graph.import_domains] == [13]
+    for t in lazy:
+        assert tuple(t._values.shape) == before[t.name][0]
+        np.testing.assert_array_equal(t._values.load(), before[t.name][1])
