@@ -135,7 +135,7 @@ def _quantize(source_model: onnx.ModelProto, source: DataSource, config: QuantCo
     decisions, acts = _choose(layers, stats, outcome, config)
     t_choose = time.perf_counter()
 
-    result = _result(source_model, prepared, layers, skipped, decisions, acts, stats, outcome, config)
+    result = _result(prepared, layers, skipped, decisions, acts, stats, outcome, config)
     pristine = prepared.graph.copy() if stats.held_back else None  # rewrite edits the graph it gets
     result.model = _rewrite(prepared.graph, layers, result, source_model)
     del layers  # their nodes hold the rewritten graph, which is done with now
@@ -264,12 +264,16 @@ def _find_layers(graph: gs.Graph, config: QuantConfig) -> Tuple[List[Layer], Lis
     return layers, skipped
 
 
+def _layers_of(graph: gs.Graph, config: QuantConfig) -> List[Layer]:
+    """The layers ``config`` quantizes in ``graph`` (read only)."""
+    return _keep_float(find_layers(graph, config.exclude)[0], [], config)[0]
+
+
 def _layers_of_copy(graph: gs.Graph, config: QuantConfig) -> Tuple[gs.Graph, List[Layer]]:
     """A copy of the normalised graph and its layers, for a candidate model (rewriting edits
     the graph it is given; the original stays for the final rewrite)."""
     g = graph.copy()
-    layers, _ = find_layers(g, config.exclude)
-    return g, _keep_float(layers, [], config)[0]
+    return g, _layers_of(g, config)
 
 
 def _keep_float(layers: List[Layer], skipped: List[Skipped], config: QuantConfig):
@@ -303,7 +307,7 @@ def _calibrate(prepared: _Prepared, layers: List[Layer], source: DataSource, sou
     from the BatchNorm priors.
     """
     # with depthwise shifts on trial, the unshifted tensors too (read by the Muls of the shifts)
-    all_layers = layers + (_layers_of_copy(prepared.unshifted, config)[1] if prepared.unshifted is not None else [])
+    all_layers = layers + (_layers_of(prepared.unshifted, config) if prepared.unshifted is not None else [])
     tensors = list(dict.fromkeys(l.data.name for l in all_layers))
     keep = 0 if source.reiterable else config.verify_count
     if config.allocation_mode is not None and not source.reiterable:
@@ -373,9 +377,10 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
         default.holdout = record
         return default, None
     feeds = first_samples(source, stats.kept, stats.held_back)
+    # every candidate has these layers (shifts change no shape), so this rounding cost
+    cost = model_rounding_cost(_layers_of(graph, config))
     # the default's choices, for the candidates that only drop bias correction from them
-    chosen = {_choice_key(graph, config, _keep_float(find_layers(graph, config.exclude)[0], [], config)[0]):
-              (default.layers, default.activations)}
+    chosen = {_choice_key(graph, config, cost): (default.layers, default.activations)}
     best, best_db, session = default, None, None
     # the default goes last, winning ties: its session, the last made, then serves verification
     for name, cfg, base in variants[1:] + variants[:1]:
@@ -383,10 +388,8 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
             cand = default
         else:
             g, ls = _layers_of_copy(base, cfg)
-            d, a = _choose_candidate(ls, base, cfg, stats, chosen)
-            cand = _result(source_model, prepared, ls, skipped, d, a, stats, None, cfg)
-            if base is not graph:
-                cand.depthwise_shift = None
+            d, a = _choose_candidate(ls, base, cfg, stats, chosen, cost)
+            cand = _result(prepared, ls, skipped, d, a, stats, None, cfg)
             cand.model = _rewrite(g, ls, cand, source_model)
         session = None  # one candidate session at a time
         release_freed_memory()
@@ -402,22 +405,21 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     return best, session if best is cand else None
 
 
-def _choice_key(graph: gs.Graph, config: QuantConfig, layers: List[Layer]) -> tuple:
+def _choice_key(graph: gs.Graph, config: QuantConfig, cost: float) -> tuple:
     """What a candidate's choices depend on, bias correction aside (``auto`` rounding that
-    rounds no layer with data is round to nearest)."""
+    rounds no layer with data, in a model of rounding cost ``cost``, is round to nearest)."""
     d = {**config.to_dict(), "bias_correction": None, "depthwise_shift": None}
     widths = {config.wbits} | ({config.keep_bits} if config.keep_first or config.keep_last else set())
-    cost = model_rounding_cost(layers)
     if config.rounding == "auto" and not any(config.rounds_with_data(b, cost) for b in widths):
         d["rounding"] = "nearest"
     return id(graph), json.dumps(d, sort_keys=True, default=str)
 
 
 def _choose_candidate(layers: List[Layer], graph: gs.Graph, config: QuantConfig, stats: "_Statistics",
-                      chosen: dict) -> Tuple[List[LayerDecision], Dict[str, ActDecision]]:
+                      chosen: dict, cost: float) -> Tuple[List[LayerDecision], Dict[str, ActDecision]]:
     """A held-back candidate's decisions; one that only drops bias correction from a candidate
     already chosen on the same graph takes its choices (:func:`without_bias_correction`)."""
-    key = _choice_key(graph, config, layers)
+    key = _choice_key(graph, config, cost)
     if not config.bias_correction and key in chosen:
         decisions, acts = chosen[key]
         return without_bias_correction(decisions, layers), acts
@@ -490,7 +492,7 @@ def _choose(layers: List[Layer], stats: _Statistics, outcome: Optional[mixed.Out
                       stats.means)
 
 
-def _result(source_model: onnx.ModelProto, prepared: _Prepared, layers: List[Layer], skipped: List[Skipped],
+def _result(prepared: _Prepared, layers: List[Layer], skipped: List[Skipped],
             decisions: List[LayerDecision], acts: Dict[str, ActDecision], stats: _Statistics,
             outcome: Optional[mixed.Outcome], config: QuantConfig) -> QuantResult:
     """Stage 6: the record of what was decided and predicted, before the model exists.
@@ -510,7 +512,8 @@ def _result(source_model: onnx.ModelProto, prepared: _Prepared, layers: List[Lay
         opset=max(int(prepared.graph.opset), MIN_OPSET),
         allocation=outcome.record if outcome else None,
         equalization=prepared.equalization,
-        depthwise_shift=prepared.depthwise_shift,
+        # a candidate converted without the shifts has none (``off``)
+        depthwise_shift=prepared.depthwise_shift if config.depthwise_shift != "off" else None,
         bias_means=stats.bias_means,
         histograms={t: histogram_summary(h) for t, h in stats.hists.items()},
         packed_weight_bytes=packed_weight_bytes(layers, [d.weight.bits for d in decisions]),
