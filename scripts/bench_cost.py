@@ -32,9 +32,12 @@ Beside wall time, each row has the process's CPU time (user + sys, from ``time``
 1-minute load average before and after it (in the JSON): on a shared machine wall-time ratios
 are only as good as the load was even; CPU time is less sensitive to it.
 
-With ``--profile``, each model's default ``convert`` also runs once under cProfile (not timed;
-top functions by cumulative and by own time) and the ``mxqn``-format model's inference once with
-onnxruntime's profiler (time per operator type, FP32 beside it). Results go to ``--out``
+The ``mxqn``-format model's inference also runs once with onnxruntime's profiler (time per
+operator type, FP32 beside it; not timed): the node time of ``Log`` and ``GatherElements``,
+which every exact ``LogQuant`` body needs, gives the floor of the converted model's speed.
+``mxqn --no-verify --no-holdout`` is timed too: the conversion alone, checking nothing, as
+``quantize_static`` does. With ``--profile``, each model's default ``convert`` also runs once
+under cProfile (not timed; top functions by cumulative and by own time). Results go to ``--out``
 (default ``/tmp/mxqn-cost-bench``): ``bench_cost.json``, ``cost.md``, one log per process,
 the profiles.
 
@@ -74,6 +77,10 @@ MODELS = {
     "detector": {"file": "detector.onnx", "samples": 8, "size": (736, 1088), "seed": 200},
 }
 MIXED = ["--avg-wbits", "6", "--avg-abits", "6"]
+NO_CHECKS = "mxqn --no-verify --no-holdout"
+#: the operators every exact LogQuant body needs (the log of |x| and two table reads, see
+#: mxqn_onnx/graph/functions.py): their node time alone bounds the mxqn model's speed
+LOG_FLOOR_OPS = ("Log", "GatherElements")
 
 
 # --------------------------------------------------------------------------- helper processes
@@ -410,7 +417,9 @@ def bench_model(key: str, nets: Path, work: Path, timeout: float, mixed: bool, p
     runs["quantize_static"] = r
     show("quantize_static", r, str(r.get("output_model", "")))
 
-    variants = [("mxqn", [], False), ("mxqn --format qdq", ["--format", "qdq"], False)]
+    variants = [("mxqn", [], False), ("mxqn --format qdq", ["--format", "qdq"], False),
+                # the conversion alone, checking nothing, as quantize_static: what the checks cost
+                (NO_CHECKS, ["--no-verify", "--no-holdout"], False)]
     if mixed:
         variants.append(("mxqn --avg-wbits 6 --avg-abits 6", MIXED, True))
     for label, extra, sample in variants:
@@ -428,7 +437,7 @@ def bench_model(key: str, nets: Path, work: Path, timeout: float, mixed: bool, p
 
     converted = {"quantize_static QDQ": work / f"{key}_ort.onnx"}
     converted.update({label: Path(r["output"]) for label, r in runs.items()
-                      if label.startswith("mxqn") and "error" not in r})
+                      if label.startswith("mxqn") and label != NO_CHECKS and "error" not in r})
     for label, path in converted.items():
         if not path.exists():
             continue
@@ -440,11 +449,12 @@ def bench_model(key: str, nets: Path, work: Path, timeout: float, mixed: bool, p
         infer[label] = r
         show(f"inference: {label}"[:24], r, f"(loop {r.get('run_s', float('nan')):.2f} s)")
 
+    # per-operator time of both models (not timed): the floor of the quantizer bodies
+    res["profile_ort"] = {"mxqn": ort_op_profile(work / f"{key}_mxqn.onnx", data, work, f"{key}_mxqn"),
+                          "fp32": ort_op_profile(model, data, work, f"{key}_fp32")}
     if profile:
-        print(f"  {key}: profiling (not timed)", flush=True)
+        print(f"  {key}: profiling convert (not timed)", flush=True)
         res["profile_convert"] = cprofile_convert(model, data, work)
-        res["profile_ort"] = {"mxqn": ort_op_profile(work / f"{key}_mxqn.onnx", data, work, f"{key}_mxqn"),
-                              "fp32": ort_op_profile(model, data, work, f"{key}_fp32")}
     return res
 
 
@@ -594,6 +604,17 @@ def target_rows(result: dict) -> List[List[str]]:
                  2.0)):
             rows.append([k, what, "" if value is None else f"{value:.2f}x", f"<= {limit:g}x",
                          _verdict(None if value is None else value <= limit)])
+        no_checks = runs.get(NO_CHECKS, {})
+        if "wall_s" in no_checks:
+            value = ratio(no_checks, qs, "wall_s")
+            rows.append([k, "for reference: convert without verification and held-back check, wall / "
+                         "quantize_static", "" if value is None else f"{value:.2f}x", "", "-"])
+        mx_ops = res.get("profile_ort", {}).get("mxqn", {})
+        fp_node = res.get("profile_ort", {}).get("fp32", {}).get("node_seconds")
+        if "ops" in mx_ops and fp_node:
+            floor = sum(r["seconds"] for r in mx_ops["ops"] if r["op"] in LOG_FLOOR_OPS) / fp_node
+            rows.append([k, "floor: FP32 node time + the " + " and ".join(LOG_FLOOR_OPS) + " nodes of the "
+                         "LogQuant bodies alone, / FP32 node time", f"{1 + floor:.2f}x", "", "-"])
         sweep = {int(n): r["maxrss_mb"] for n, r in res.get("rss_sweep", {}).items() if "maxrss_mb" in r}
         if len(sweep) >= 2:
             lo, hi = min(sweep.values()), max(sweep.values())
