@@ -82,7 +82,7 @@ DEFAULT_CONFIGS = ["w8a8-default", "w8a8-no-biascorr", "w8a8-paper", "w8a8-gptq"
                    "w6a6-no-dwshift", "w4a8-no-dwshift", "w4a4-no-dwshift", "mixed-avg6", "mixed-avg4w",
                    "ort-w8a8-tensor", "ort-w8a8-channel"]
 #: ``--configs ceiling``: each target's width with one side at a time left at 16 bits
-CEILING = ["w8a8-default", "w8a16-default", "w16a8-default", "w6a6-default", "w6a16-default", "w16a6-default",
+CEILING = ["w8a8-default", "w8a16-default", "w8a16-gptq", "w16a8-default", "w6a6-default", "w6a16-default", "w16a6-default",
            "w4a8-default", "w4a16-default", "w16a16-default"]
 INPUTS = {"orientation": tp.ORIENTATION_INPUT, "layout": tp.LAYOUT_INPUT}
 
@@ -255,19 +255,24 @@ def targets(rows: List[dict]) -> str:
 
 def one_sided(rows: List[dict]) -> str:
     """Each layout target beside the conversions that quantize one side only (the other at 16
-    bits, where the network loses nothing measurable): when one side alone already misses the
-    target, the two together cannot be expected to reach it with these quantizers."""
+    bits, where the network loses nothing measurable; for weights the best of the rows run):
+    when one side alone already misses the target, the two together cannot be expected to
+    reach it with these quantizers."""
     got = {(r["model"], r["config"]): r for r in rows if "error" not in r and r["calib_set"] in (None, 0)}
     lines = ["| model | target | weights only | activations only | both (default) | one side alone misses |",
              "|---|---|---|---|---|---|"]
     for model in sorted({m for m, _ in got if m == "layout"}):
         for width, _, f1 in TARGETS:
             wb, ab = width[1:].split("a")
-            w_only, a_only = got.get((model, f"w{wb}a16-default")), got.get((model, f"w16a{ab}-default"))
+            # the best of the weights-only rows (default rounding, gptq, ...)
+            w_rows = [r for (m, c), r in got.items() if m == model and c.startswith(f"w{wb}a16-")]
+            w_only = max(w_rows, key=lambda r: r["f1"], default=None)
+            a_only = got.get((model, f"w16a{ab}-default"))
             both = got.get((model, f"{width}-default"))
             if w_only is None and a_only is None:
                 continue
-            cells = [f"{r['f1']:.3f} ({r['sqnr_db']:.1f} dB)" if r else "-" for r in (w_only, a_only, both)]
+            cells = [f"{r['f1']:.3f} ({r['sqnr_db']:.1f} dB{', ' + r['config'] if r is w_only else ''})" if r else "-"
+                     for r in (w_only, a_only, both)]
             misses = [name for name, r in (("weights", w_only), ("activations", a_only)) if r and r["f1"] < f1]
             lines.append(f"| {model} | {width}: F1 >= {f1} | {cells[0]} | {cells[1]} | {cells[2]} | "
                          f"{', '.join(misses) or 'neither'} |")
