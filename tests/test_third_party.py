@@ -151,3 +151,33 @@ def test_depthwise_shifts_lift_the_layout_detector():
     s = tp.layout_score(tp.layout_outputs(str(path), x), tp.layout_outputs(res.model, x))
     # measured on these pages: F1 0.93 and head SQNR 24.2 dB (without the shifts 0.84 and 15.6 dB)
     assert s.head_sqnr_db > 20.0 and s.f1 >= 0.85
+
+
+def test_one_sided_table_names_the_side_that_already_misses():
+    """bench_third_party's ceiling table: the best weights-only row per width, and a side
+    flagged only when it alone falls below the target."""
+    import bench_third_party as btp
+
+    def row(config, f1, db):
+        return {"model": "layout", "config": config, "calib_set": 0, "f1": f1, "sqnr_db": db}
+
+    rows = [row("w8a8-default", 0.94, 23.8), row("w8a16-default", 0.969, 32.5), row("w8a16-gptq", 0.987, 37.3),
+            row("w16a8-default", 0.954, 24.0), row("w4a8-default", 0.76, 12.7), row("w4a16-default", 0.78, 13.1),
+            {**row("w16a6-default", 0.5, 10.0), "error": "failed"}]
+    lines = {line.split(" | ")[1]: line for line in btp.one_sided(rows).splitlines()[2:]}
+    assert set(lines) == {"w8a8: F1 >= 0.98", "w4a8: F1 >= 0.9"}  # no one-sided row for W6A6 ran cleanly
+    w8 = lines["w8a8: F1 >= 0.98"]
+    assert "0.987 (37.3 dB, w8a16-gptq)" in w8 and w8.rstrip(" |").endswith("| activations")
+    assert lines["w4a8: F1 >= 0.9"].rstrip(" |").endswith("| weights")
+
+
+def test_layout_f1_is_insensitive_to_faint_white_noise_and_breaks_under_loud(capsys):
+    """scripts/diag_layout_f1.py on two pages: at 60 dB the boxes are FP32's, at -10 dB nearly
+    all are lost (measured: F1 1.000 and 0.04; 0.84 at 10 dB)."""
+    _needs("layout")
+    import diag_layout_f1
+
+    assert diag_layout_f1.main(["--pages", "2", "--draws", "1", "--levels", "60,-10"]) == 0
+    out = capsys.readouterr().out
+    f1 = [float(line.split("F1 ")[1].split()[0]) for line in out.splitlines() if line.startswith("white noise")]
+    assert len(f1) == 2 and f1[0] == 1.0 and f1[1] < 0.3
