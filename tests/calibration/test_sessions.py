@@ -65,3 +65,22 @@ def test_stubbed_export_hands_over_the_graphs_own_arrays(digits_model, x):
     full = export_fp32(graph, source)
     assert light.ByteSize() < full.ByteSize() / 4
     np.testing.assert_array_equal(_run(make_session(light, weights=weights), x)[0], _run(_plain(full), x)[0])
+
+
+def test_calibration_session_does_not_spin_beside_its_histogram_worker(digits_model, digits_calib, x, monkeypatch):
+    """The calibration session's idle threads sleep (the histogram worker needs the cores);
+    other sessions keep onnxruntime's spinning default; the outputs are the same either way."""
+    import mxqn_onnx.calibration.calibrate as cal
+
+    key = "session.intra_op.allow_spinning"
+    fp32 = onnx.load(str(digits_model))
+    quiet, default = make_session(fp32, spinning=False), make_session(fp32)
+    assert quiet.get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError):  # not set: onnxruntime's default, spinning
+        default.get_session_options().get_session_config_entry(key)
+    assert all(np.array_equal(a, b) for a, b in zip(_run(quiet, x), _run(default, x)))
+    seen = []
+    real = cal.make_session
+    monkeypatch.setattr(cal, "make_session", lambda *a, **k: seen.append(k.get("spinning", True)) or real(*a, **k))
+    mxqn_onnx.quantize(digits_model, digits_calib, verify=False)
+    assert seen == [False]
