@@ -312,13 +312,17 @@ def _interval_error(a, b, q):
     return _mean_square(a - q, b - q)
 
 
-def _piecewise_error(lo, hi, count, clip_lo, clip_hi, quant, local_step):
+def _piecewise_error(lo, hi, count, clip_lo, clip_hi, quant, local_step, quant_clipped=None):
     """Squared-error sum of a quantizer over bins, vectorised over ``[candidates, bins]``.
 
     ``clip_lo``/``clip_hi`` ([candidates, 1]) bound the representable range; values beyond
     are replaced by the bound. Inside the range, a bin within one quantization cell, or
     across the threshold between two, has its error integrated exactly; a bin spanning more
     cells contributes the uniform-noise ``step^2/12``, ``local_step`` being the spacing there.
+    ``quant(v, rows)``: each candidate's quantizer on ``[candidates, bins]`` values, or (with
+    ``rows``, the candidate of each value) on a flat selection of them.
+    ``quant_clipped(edge, v)``: ``quant(v)`` for ``v = clip(edge, clip_lo, clip_hi)``, where a
+    quantizer can share work across candidates (default: ``quant(v)``).
     """
     width = hi - lo
     safe_w = np.where(width > 0, width, 1.0)
@@ -335,12 +339,19 @@ def _piecewise_error(lo, hi, count, clip_lo, clip_hi, quant, local_step):
     i_lo = np.clip(lo, clip_lo, clip_hi)
     i_hi = np.clip(hi, clip_lo, clip_hi)
     frac_in = np.clip(1.0 - frac_below - frac_above, 0, 1)
-    q_lo, q_hi = quant(i_lo), quant(i_hi)
+    if quant_clipped is None:
+        q_lo, q_hi = quant(i_lo), quant(i_hi)
+    else:
+        q_lo, q_hi = quant_clipped(lo, i_lo), quant_clipped(hi, i_hi)
     one_level = _interval_error(i_lo, i_hi, q_lo)
-    # a bin across one decision threshold (the midpoint of two adjacent levels): split there
+    # a bin across one decision threshold (the midpoint of two adjacent levels): split there;
+    # the probes around it only matter where the bin's edges quantize apart
     t = 0.5 * (q_lo + q_hi)
-    eps = 1e-9 * np.abs(t) + 1e-300
-    adjacent = (quant(t - eps) == q_lo) & (quant(t + eps) == q_hi)
+    split = np.nonzero(q_lo != q_hi)
+    t_s = t[split]
+    eps = 1e-9 * np.abs(t_s) + 1e-300
+    adjacent = np.zeros(t.shape, dtype=bool)
+    adjacent[split] = (quant(t_s - eps, split[0]) == q_lo[split]) & (quant(t_s + eps, split[0]) == q_hi[split])
     in_w = np.where(i_hi > i_lo, i_hi - i_lo, 1.0)
     p_low = np.clip((t - i_lo) / in_w, 0, 1)
     t_c = np.clip(t, i_lo, i_hi)
@@ -358,7 +369,8 @@ def fxp_errors_binned(bins: Bins, bits: int, signed: bool, fracs: np.ndarray) ->
     return _piecewise_error(
         bins.lo[None, :], bins.hi[None, :], bins.count[None, :],
         lo_c * step, hi_c * step,
-        lambda v: np.rint(v / step) * step,
+        lambda v, rows=None: np.rint(v / (step if rows is None else step[rows, 0])) *
+        (step if rows is None else step[rows, 0]),
         lambda v: np.broadcast_to(step, v.shape),
     )
 
@@ -372,22 +384,46 @@ def log_errors_binned(bins: Bins, bits: int, k: int, signed: bool, tops: np.ndar
     bottom = 2.0 ** ((E - m + 1) / steps)
     ratio = 2.0 ** (1.0 / steps)
 
-    def quant(v):
-        a = np.abs(v)
+    # 2^(n / steps) for each integer n a result can depend on: below min(E) - m the clip to
+    # E - m + 1 makes the rounding irrelevant, above max(E) the clip to E; a table read
+    # instead of a pow per value gives the same numbers
+    n_lo, n_hi = float(E.min()) - m, float(E.max())
+    table = 2.0 ** (np.arange(n_lo, n_hi + 2.0) / steps)
+
+    def pow_n(n):
+        return table[(n - n_lo).astype(np.intp)]
+
+    def rounded_n(a):  # the level index nearest to a = |v|, before a candidate's clip
         with np.errstate(divide="ignore", invalid="ignore"):
             n = np.floor(np.log2(np.maximum(a, 1e-300)) * steps)
-            lower, upper = 2.0 ** (n / steps), 2.0 ** ((n + 1) / steps)
-            n = np.where(a >= 0.5 * (lower + upper), n + 1, n)
-        level = 2.0 ** (np.clip(n, E - m + 1, E) / steps)
-        return np.sign(v) * np.where(a < 0.5 * bottom, 0.0, level)
+        n = np.clip(n, n_lo, n_hi)
+        return np.where(a >= 0.5 * (pow_n(n) + pow_n(n + 1)), n + 1, n)
+
+    def finish(v, a, n, rows):
+        e = E if rows is None else E[rows, 0]
+        half_bottom = 0.5 * (bottom if rows is None else bottom[rows, 0])
+        return np.sign(v) * np.where(a < half_bottom, 0.0, pow_n(np.clip(n, e - m + 1, e)))
+
+    def quant(v, rows=None):
+        a = np.abs(v)
+        return finish(v, a, rounded_n(a), rows)
+
+    clip_lo = -top if signed else np.zeros_like(top)
+    n_top = rounded_n(top)
+    n_clip_lo = n_top if signed else rounded_n(clip_lo)
+
+    def quant_clipped(edge, v):
+        # v is the edge, or a candidate's bound where the edge lies beyond it (np.clip's
+        # choice), so the logs are of the bins' edges and the bounds, not of every pair
+        n = np.where(edge < clip_lo, n_clip_lo, np.where(edge > top, n_top, rounded_n(np.abs(edge))))
+        return finish(v, np.abs(v), n, None)
 
     def local_step(v):
         a = np.maximum(np.abs(v), 0.5 * bottom)
         return a * (ratio - 1.0) / np.sqrt(ratio)
 
-    clip_lo = -top if signed else np.zeros_like(top)
     return _piecewise_error(
-        bins.lo[None, :], bins.hi[None, :], bins.count[None, :], clip_lo, top, quant, local_step
+        bins.lo[None, :], bins.hi[None, :], bins.count[None, :], clip_lo, top, quant, local_step, quant_clipped
     )
 
 

@@ -194,3 +194,78 @@ def test_log_quantize_tables_match_the_definition(bits, signed):
             np.testing.assert_array_equal(Q.log_quantize(x, bits, k, E, signed),
                                           _log_quantize_by_definition(x, bits, k, E, signed),
                                           err_msg=f"bits={bits} k={k} E={E}")
+
+
+def _reference_piecewise_error(lo, hi, count, clip_lo, clip_hi, quant, local_step):
+    """The binned error as first written: every quantizer call on every [candidate, bin] pair."""
+    width = hi - lo
+    safe_w = np.where(width > 0, width, 1.0)
+    total = np.zeros(np.broadcast(clip_lo, lo).shape, dtype=np.float64)
+    b_hi = np.minimum(hi, clip_lo)
+    frac_below = np.where(width > 0, np.clip((b_hi - lo) / safe_w, 0, 1), (lo < clip_lo) * 1.0)
+    total += frac_below * Q._interval_error(lo, np.maximum(b_hi, lo), clip_lo)
+    a_lo = np.maximum(lo, clip_hi)
+    frac_above = np.where(width > 0, np.clip((hi - a_lo) / safe_w, 0, 1), (lo > clip_hi) * 1.0)
+    total += frac_above * Q._interval_error(np.minimum(a_lo, hi), hi, clip_hi)
+    i_lo, i_hi = np.clip(lo, clip_lo, clip_hi), np.clip(hi, clip_lo, clip_hi)
+    frac_in = np.clip(1.0 - frac_below - frac_above, 0, 1)
+    q_lo, q_hi = quant(i_lo), quant(i_hi)
+    one_level = Q._interval_error(i_lo, i_hi, q_lo)
+    t = 0.5 * (q_lo + q_hi)
+    eps = 1e-9 * np.abs(t) + 1e-300
+    adjacent = (quant(t - eps) == q_lo) & (quant(t + eps) == q_hi)
+    in_w = np.where(i_hi > i_lo, i_hi - i_lo, 1.0)
+    p_low = np.clip((t - i_lo) / in_w, 0, 1)
+    t_c = np.clip(t, i_lo, i_hi)
+    two_levels = p_low * Q._interval_error(i_lo, t_c, q_lo) + (1 - p_low) * Q._interval_error(t_c, i_hi, q_hi)
+    many = local_step(0.5 * (i_lo + i_hi)) ** 2 / 12.0
+    total += frac_in * np.where(q_lo == q_hi, one_level, np.where(adjacent, two_levels, many))
+    return np.sum(total * count, axis=-1)
+
+
+def _reference_log_errors(bins, bits, k, signed, tops):
+    m, steps = Q.log_num_levels(bits, signed), 2.0**k
+    E = np.asarray(tops, dtype=np.float64)[:, None]
+    top, bottom, ratio = 2.0 ** (E / steps), 2.0 ** ((E - m + 1) / steps), 2.0 ** (1.0 / steps)
+
+    def quant(v):
+        a = np.abs(v)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            n = np.floor(np.log2(np.maximum(a, 1e-300)) * steps)
+            lower, upper = 2.0 ** (n / steps), 2.0 ** ((n + 1) / steps)
+            n = np.where(a >= 0.5 * (lower + upper), n + 1, n)
+        return np.sign(v) * np.where(a < 0.5 * bottom, 0.0, 2.0 ** (np.clip(n, E - m + 1, E) / steps))
+
+    def local_step(v):
+        return np.maximum(np.abs(v), 0.5 * bottom) * (ratio - 1.0) / np.sqrt(ratio)
+
+    return _reference_piecewise_error(bins.lo[None, :], bins.hi[None, :], bins.count[None, :],
+                                      -top if signed else np.zeros_like(top), top, quant, local_step)
+
+
+@pytest.mark.parametrize("shape", ["relu", "gaussian", "hardswish", "laplace"])
+def test_binned_errors_equal_the_plain_evaluation_bit_for_bit(shape):
+    """The binned error search reads level tables and evaluates the threshold probes only where
+    a bin's edges quantize apart: every candidate's error is the one the plain evaluation (one
+    pow and log per [candidate, bin] pair) gives, to the last bit, so no choice can move."""
+    rng = np.random.default_rng(7)
+    for scale in (1e-3, 0.7, 40.0):
+        x = rng.standard_normal(50_000) * scale
+        x = {"relu": np.maximum(x, 0), "gaussian": x, "hardswish": np.maximum(x, -0.375 * scale) * (x > -3 * scale),
+             "laplace": rng.laplace(size=50_000) * scale}[shape].astype(np.float32)
+        h = TensorHistogram()
+        h.update(x)
+        b = h.bins()
+        for bits in (2, 3, 4, 6, 8):
+            for signed in (False, True):
+                for k in range(Q.log_max_k(bits) + 1):
+                    tops = Q.log_tops(b.max_abs, k)
+                    assert np.array_equal(Q.log_errors_binned(b, bits, k, signed, tops),
+                                          _reference_log_errors(b, bits, k, signed, tops)), (scale, bits, signed, k)
+                fracs = Q.fxp_candidates(b.max_abs, bits, signed)
+                step = (2.0 ** -fracs.astype(np.float64))[:, None]
+                lo_c, hi_c = Q.fxp_range(bits, signed)
+                ref = _reference_piecewise_error(b.lo[None, :], b.hi[None, :], b.count[None, :], lo_c * step,
+                                                 hi_c * step, lambda v: np.rint(v / step) * step,
+                                                 lambda v: np.broadcast_to(step, v.shape))
+                assert np.array_equal(Q.fxp_errors_binned(b, bits, signed, fracs), ref), (scale, bits, signed)
