@@ -366,12 +366,14 @@ def fxp_errors_binned(bins: Bins, bits: int, signed: bool, fracs: np.ndarray) ->
     """Squared-error sums of ``FXP(bits, f, signed)`` for each ``f`` in ``fracs``."""
     lo_c, hi_c = fxp_range(bits, signed)
     step = (2.0 ** -np.asarray(fracs, dtype=np.float64))[:, None]
+
+    def quant(v, rows=None):
+        s = step if rows is None else step[rows, 0]
+        return np.rint(v / s) * s
+
     return _piecewise_error(
         bins.lo[None, :], bins.hi[None, :], bins.count[None, :],
-        lo_c * step, hi_c * step,
-        lambda v, rows=None: np.rint(v / (step if rows is None else step[rows, 0])) *
-        (step if rows is None else step[rows, 0]),
-        lambda v: np.broadcast_to(step, v.shape),
+        lo_c * step, hi_c * step, quant, lambda v: np.broadcast_to(step, v.shape),
     )
 
 
