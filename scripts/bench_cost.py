@@ -36,7 +36,8 @@ The ``mxqn``-format model's inference also runs once with onnxruntime's profiler
 operator type, FP32 beside it; not timed): the node time of ``Log`` and ``GatherElements``,
 which every exact ``LogQuant`` body needs, gives the floor of the converted model's speed.
 ``mxqn --no-verify --no-holdout`` is timed too: the conversion alone, checking nothing, as
-``quantize_static`` does. With ``--profile``, each model's default ``convert`` also runs once
+``quantize_static`` does, and so are the two ways to trade accuracy for the converted model's
+speed (``--log-margin 6``, ``--act-quant fixed``), whose models are timed too. With ``--profile``, each model's default ``convert`` also runs once
 under cProfile (not timed; top functions by cumulative and by own time). Results go to ``--out``
 (default ``/tmp/mxqn-cost-bench``): ``bench_cost.json``, ``cost.md``, one log per process,
 the profiles.
@@ -419,7 +420,10 @@ def bench_model(key: str, nets: Path, work: Path, timeout: float, mixed: bool, p
 
     variants = [("mxqn", [], False), ("mxqn --format qdq", ["--format", "qdq"], False),
                 # the conversion alone, checking nothing, as quantize_static: what the checks cost
-                (NO_CHECKS, ["--no-verify", "--no-holdout"], False)]
+                (NO_CHECKS, ["--no-verify", "--no-holdout"], False),
+                # the user's speed knobs: fewer log quantizers (each must win by 6 dB), or none
+                ("mxqn --log-margin 6", ["--log-margin", "6"], False),
+                ("mxqn --act-quant fixed", ["--act-quant", "fixed"], False)]
     if mixed:
         variants.append(("mxqn --avg-wbits 6 --avg-abits 6", MIXED, True))
     for label, extra, sample in variants:
