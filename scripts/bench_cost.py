@@ -38,10 +38,11 @@ are only as good as the load was even; CPU time is less sensitive to it.
 The ``mxqn``-format model's inference also runs once with onnxruntime's profiler (time per
 operator type, FP32 beside it; not timed): the node time of ``Log`` and ``GatherElements``,
 which every exact ``LogQuant`` body needs, gives the floor of the converted model's speed.
-``mxqn --no-verify --no-holdout`` is timed too: the conversion alone, checking nothing, as
-``quantize_static`` does, and so are the two ways to trade accuracy for the converted model's
-speed (``--log-margin 6``, ``--act-quant fixed``), whose models are timed too. With ``--profile``, each model's default ``convert`` also runs once
-under cProfile (not timed; top functions by cumulative and by own time). Results go to ``--out``
+``mxqn --no-verify --no-holdout`` is timed too (the conversion alone, checking nothing, as
+``quantize_static`` does), and so are the two ways to trade accuracy for the converted model's
+speed, ``--log-margin 6`` and ``--act-quant fixed``, with their models' inference. With
+``--profile``, each model's default ``convert`` also runs once under cProfile (not timed; top
+functions by cumulative and by own time). Results go to ``--out``
 (default ``/tmp/mxqn-cost-bench``): ``bench_cost.json``, ``cost.md``, one log per process,
 the profiles.
 
@@ -122,7 +123,7 @@ def worker(task: dict) -> dict:
         name, batches = _batches(task["data"])
         out["session_s"] = time.perf_counter() - t0
         # one untimed run first: the first run of a session also grows its memory arena
-        # (most of a second for some 736x1088 models), which is not the model's speed
+        # (0.1-0.35 s on the 736x1088 detector's models), which is not the model's speed
         t1 = time.perf_counter()
         s.run(None, {name: batches[0]})
         out["first_run_s"] = time.perf_counter() - t1
