@@ -42,9 +42,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import third_party as tp  # noqa: E402
-from bench import NpzReader  # noqa: E402
+from bench import PAPER, NpzReader  # noqa: E402  (PAPER: the mxqn-paper row's options)
 
-PAPER = {"bias_correction": False, "rounding": "nearest", "depthwise_shift": "off"}
 CONFIGS: Dict[str, dict] = {
     "w8a8-default": {"wbits": 8, "abits": 8},
     "w8a8-no-biascorr": {"wbits": 8, "abits": 8, "bias_correction": False},
