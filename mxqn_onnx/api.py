@@ -40,7 +40,7 @@ from .mixed.search import packed_weight_bytes
 from .mixed.sensitivity import make_probe
 from .quant.choose import ActDecision, LayerDecision, choose_all, model_rounding_cost, without_bias_correction
 from .quant.quantizers import combine_sqnr_db
-from .report.measure import VERIFY_TOLERANCE_DB, Comparison, compare
+from .report.measure import VERIFY_TOLERANCE_DB, Comparison, class_outputs, compare
 from .report.plots import histogram_summary
 from .result import QuantResult, set_metadata
 
@@ -76,6 +76,7 @@ def quantize(
     else:
         config = QuantConfig.from_kwargs(**{**config.to_dict(), **overrides})
     source_model = load_model(model)
+    class_outputs(source_model, config.class_outputs)  # names checked before the long part
     source = make_source(calibration, input_specs(source_model), config.batch_size, preprocess, image_size,
                          random_count=config.calib_count)
     if config.equalize == "off" or not config.verify or not source.reiterable:
@@ -394,7 +395,8 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
         session = None  # one candidate session at a time
         release_freed_memory()
         session = make_session(cand.model)
-        c = compare(source_model, cand.model, iter(feeds), kept=stats.references, session=session)
+        c = compare(source_model, cand.model, iter(feeds), kept=stats.references, session=session,
+                    classes=config.class_outputs or None)
         record["sqnr_db"][name] = c.output_sqnr_db
         if best_db is None or c.output_sqnr_db > best_db or (cfg is None and c.output_sqnr_db >= best_db):
             best, best_db, record["kept"], best_c = cand, c.output_sqnr_db, name, c
@@ -462,7 +464,8 @@ def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped
         if not config.verify:
             return None
         # the allocation is refined and judged on this measurement: every sample counts
-        return compare(source_model, built[-1], iter(batches(config.verify_count)), kept=stats.references)
+        return compare(source_model, built[-1], iter(batches(config.verify_count)), kept=stats.references,
+                       classes=config.class_outputs or None)
 
     evaluate = None
     if validation is not None:
@@ -472,7 +475,7 @@ def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped
                             "accuracy cannot be measured")
 
         def evaluate(built):
-            return compare(source_model, built[-1], val.batches(), val.labels)
+            return compare(source_model, built[-1], val.batches(), val.labels, classes=config.class_outputs or None)
 
     elif config.max_accuracy_drop is not None:
         raise MxqnError("max_accuracy_drop needs labelled validation data (--val FILE.npz with 'labels')")
@@ -550,4 +553,4 @@ def _verify(qmodel: onnx.ModelProto, source_model: onnx.ModelProto, source: Data
     batches = source.batches(min(config.verify_count, config.calib_count or config.verify_count)) \
         if source.reiterable else iter(kept)
     return compare(source_model, qmodel, batches, kept=references, tolerance_db=VERIFY_TOLERANCE_DB, resume=resume,
-                   session=session)
+                   session=session, classes=config.class_outputs or None)

@@ -100,6 +100,9 @@ def _add_convert(sub) -> None:
     o.add_argument("--verify-count", type=int, default=256,
                    help="at most this many samples for that measurement (default 256); it stops earlier once "
                         "the output SQNR's 95%% interval is within 1 dB either side, and reports the interval")
+    o.add_argument("--class-output", action="append", default=[], metavar="NAME",
+                   help="an output holding class scores, whose top-1 agreement with FP32 is reported; "
+                        "repeatable (default: every output shaped (N, C); others get SQNR only)")
     o.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     o.add_argument("--format", choices=FORMATS, default="mxqn",
                    help="mxqn: Cast/Mul weights and FixedQuant/LogQuant nodes (default); qdq: standard "
@@ -191,6 +194,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("quant")
     p.add_argument("--data", required=True, help=".npz with the model inputs (and 'labels' for accuracy), or .npy")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--class-output", action="append", default=[], metavar="NAME",
+                   help="an output holding class scores (top-1 agreement and accuracy); repeatable "
+                        "(default: every output shaped (N, C))")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -309,7 +315,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         act_quant=args.act_quant, log_margin_db=args.log_margin, exclude=tuple(args.exclude),
         keep_first=args.keep_first, keep_last=args.keep_last, keep_float=args.keep_float,
         keep_bits=args.keep_bits, calib_count=args.calib_count, batch_size=args.batch_size,
-        verify=not args.no_verify, verify_count=args.verify_count,
+        verify=not args.no_verify, verify_count=args.verify_count, class_outputs=tuple(args.class_output),
         bias_correction=not args.no_bias_correction, weight_clip=args.weight_clip,
         align_channels=args.align_channels, allow_empty=args.allow_empty,
         bias_means=args.bias_means, rounding=args.rounding, act_objective=args.act_objective,
@@ -376,24 +382,40 @@ def cmd_evaluate(args, console: Console, err: Console) -> int:
             raise MxqnError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     if is_mxqn_model(models[0]) and not is_mxqn_model(models[1]):
         err.print("note: the first model is the mxqn one; the first argument should be the FP32 model")
+    if args.batch_size < 1:
+        raise MxqnError(f"--batch-size must be a positive integer, got {args.batch_size}")
     source = make_source(args.data, input_specs(models[0]), args.batch_size)
-    c = compare(models[0], models[1], source.batches(), source.labels)
+    c = compare(models[0], models[1], source.batches(), source.labels, classes=args.class_output or None)
     d = c.to_dict()
     if args.json:
         console.print_json(json.dumps(d))
         return 0
+    from .report.tables import measured_lines
+
     console.print(f"samples: {c.samples}", highlight=False)
     if c.top1_ref is not None:
-        console.print(f"top-1 accuracy: FP32 {100 * c.top1_ref:.2f}%  quantized {100 * c.top1_quant:.2f}%  "
-                      f"(change {100 * (c.top1_quant - c.top1_ref):+.2f} points)", highlight=False)
-    console.print(f"top-1 agreement: {100 * c.agreement:.2f}%", highlight=False)
-    console.print(f"output SQNR: {c.output_sqnr_db:.2f} dB", highlight=False)
+        console.print(f"top-1 accuracy ({next(iter(c.agree))}): FP32 {100 * c.top1_ref:.2f}%  quantized "
+                      f"{100 * c.top1_quant:.2f}%  (change {100 * (c.top1_quant - c.top1_ref):+.2f} points)",
+                      highlight=False, markup=False)
+    for line in measured_lines(d, "samples"):
+        console.print(line, highlight=False, markup=False)
     return 0
+
+
+#: the width of what is printed when stdout is a file or pipe: wide enough that no table loses a
+#: column and no line is cut (a log is read whole, not in an 80-column window)
+PIPE_WIDTH = 10_000
+
+
+def _console() -> Console:
+    """Standard output; outside a terminal (logs, CI) at a width that keeps every column."""
+    console = Console()
+    return console if console.is_terminal else Console(width=PIPE_WIDTH)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = _console()
     err = Console(stderr=True)
     handler = {"convert": cmd_convert, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "report": cmd_report,
                "simulate": cmd_simulate, "export-c": cmd_export_c}[args.command]

@@ -46,6 +46,9 @@ class QuantConfig:
         batch_size: samples per onnxruntime run during calibration.
         verify: after rewriting, run FP32 and quantized models and measure output SQNR.
         verify_count: samples used for that measurement.
+        class_outputs: the outputs that hold class scores, whose top-1 agreement with FP32 is
+            measured (empty: every output shaped ``(N, C)`` or ``(N, C, 1, 1)``; box
+            regressions and feature maps get SQNR only).
         bias_correction: subtract from each bias the mean output shift that weight
             quantization causes, estimated from the calibration inputs' channel means.
         bias_means: where bias correction takes each layer input's channel means from:
@@ -131,6 +134,7 @@ class QuantConfig:
     batch_size: int = 16
     verify: bool = True
     verify_count: int = 256
+    class_outputs: Tuple[str, ...] = field(default_factory=tuple)
     bias_correction: bool = True
     bias_means: str = "auto"
     weight_clip: bool = False
@@ -200,6 +204,9 @@ class QuantConfig:
         if isinstance(self.exclude, str):
             self.exclude = (self.exclude,)
         self.exclude = tuple(self.exclude)
+        if isinstance(self.class_outputs, str):
+            self.class_outputs = (self.class_outputs,)
+        self.class_outputs = tuple(self.class_outputs)
         if self.calib_count is not None and (not isinstance(self.calib_count, int) or self.calib_count < 1):
             raise MxqnError(f"calib_count must be a positive integer, got {self.calib_count!r}")
         for name in ("batch_size", "verify_count"):
@@ -288,6 +295,7 @@ class QuantConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["exclude"] = list(self.exclude)
+        d["class_outputs"] = list(self.class_outputs)
         d["bits_set"] = list(self.bits_set)
         return d
 

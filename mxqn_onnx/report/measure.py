@@ -52,7 +52,9 @@ class Comparison:
     samples: int = 0
     signal: Dict[str, float] = field(default_factory=dict)
     noise: Dict[str, float] = field(default_factory=dict)
-    agree: int = 0
+    #: per class-score output (see :func:`class_outputs`): predictions equal / predictions made
+    agree: Dict[str, int] = field(default_factory=dict)
+    predictions: Dict[str, int] = field(default_factory=dict)
     correct_ref: int = 0
     correct_quant: int = 0
     labelled: int = 0
@@ -93,9 +95,15 @@ class Comparison:
     def per_output_db(self) -> Dict[str, float]:
         return {k: sqnr_db(self.signal[k], self.noise[k]) for k in self.signal}
 
+    def agreement_per_output(self) -> Dict[str, float]:
+        """Top-1 agreement with FP32 of each class-score output."""
+        return {k: self.agree[k] / self.predictions[k] for k in self.agree if self.predictions[k]}
+
     @property
-    def agreement(self) -> float:
-        return self.agree / self.samples if self.samples else float("nan")
+    def agreement(self) -> Optional[float]:
+        """Top-1 agreement of the first class-score output (None: the model has none)."""
+        per = self.agreement_per_output()
+        return next(iter(per.values())) if per else None
 
     @property
     def top1_ref(self) -> Optional[float]:
@@ -108,11 +116,15 @@ class Comparison:
     def to_dict(self) -> dict:
         return {
             "samples": self.samples,
+            # every output's signal and noise summed: with several outputs, the combined figure
             "output_sqnr_db": self.output_sqnr_db,
             "output_sqnr_db_95": list(self.sqnr_interval_db()),
             "stopped_early": self.stopped_early,
+            "outputs": len(self.signal),
             "per_output_sqnr_db": self.per_output_db(),
+            "class_outputs": list(self.agree),
             "top1_agreement": self.agreement,
+            "top1_agreement_per_output": self.agreement_per_output(),
             "top1_fp32": self.top1_ref,
             "top1_quant": self.top1_quant,
         }
@@ -132,11 +144,41 @@ def _chunks(feed: Feed, n: int, splittable: bool = True):
         yield (feed if m == n else {k: v[start:start + m] for k, v in feed.items()}), m
 
 
+def is_class_scores(shape: Sequence) -> bool:
+    """Whether an output of this shape (batch axis first) holds one score vector per sample:
+    ``(N, C)`` or ``(N, C, 1, 1)`` with C >= 2. Box regressions, sequences and maps (two or more
+    axes longer than one after the batch) are not class scores: their argmax means nothing."""
+    rest = [d for d in list(shape)[1:] if not (isinstance(d, int) and d == 1)]
+    return len(rest) == 1 and (not isinstance(rest[0], int) or rest[0] >= 2)
+
+
+def class_outputs(model: onnx.ModelProto, named: Optional[Sequence[str]] = None) -> List[str]:
+    """The outputs whose top-1 agreement is measured: ``named`` (checked against the model's
+    outputs), else every output whose declared shape is class scores (:func:`is_class_scores`)."""
+    outputs = [o.name for o in model.graph.output]
+    if named:
+        unknown = [n for n in named if n not in outputs]
+        if unknown:
+            raise MxqnError(f"class output {unknown[0]!r} is not an output of the model; its outputs are "
+                            + ", ".join(outputs))
+        return list(named)
+    out = []
+    for o in model.graph.output:
+        dims = o.type.tensor_type.shape.dim
+        if o.type.tensor_type.HasField("shape") and dims:
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            if is_class_scores(shape):
+                out.append(o.name)
+    return out
+
+
 def compare(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Iterable[Feed],
             labels: Optional[np.ndarray] = None, kept: Optional[ReferenceOutputs] = None,
             tolerance_db: Optional[float] = None, min_samples: int = MIN_VERIFY_SAMPLES,
-            resume: Optional[Comparison] = None, session: Optional[ort.InferenceSession] = None) -> Comparison:
-    """Run both models on ``batches``; the first output's argmax is the predicted class.
+            resume: Optional[Comparison] = None, session: Optional[ort.InferenceSession] = None,
+            classes: Optional[Sequence[str]] = None) -> Comparison:
+    """Run both models on ``batches``: output SQNR per output and combined, and top-1 agreement
+    (and accuracy against ``labels``, on the first) of the class-score outputs.
 
     ``kept``: FP32 outputs of the first samples (the reference model runs only beyond them).
     ``tolerance_db``: stop once the 95% interval of the output SQNR is within this many dB
@@ -145,6 +187,8 @@ def compare(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Ite
     ``resume``: a comparison of the same two models on the first samples of ``batches``; those
     samples are not run again and the measurement goes on from there.
     ``session``: a session on ``quantized`` already made (None: one is made here).
+    ``classes``: the class-score outputs (None: found by :func:`class_outputs`); a ``resume``
+    keeps those of the resumed comparison.
     """
     q_s = session if session is not None else make_session(quantized)
     names = [o.name for o in q_s.get_outputs()]
@@ -159,28 +203,33 @@ def compare(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Ite
     splittable = not any(i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value > 0
                          for i in quantized.graph.input if i.name not in inits)
     c = copy.deepcopy(resume) if resume is not None and labels is None else Comparison()
+    classes = list(c.agree) if c.samples else class_outputs(reference, classes)
+    for name in classes:
+        c.agree.setdefault(name, 0)
+        c.predictions.setdefault(name, 0)
     skip, pos = c.samples, 0
     offset = c.samples
     for batch in batches:
         n_batch = int(np.asarray(next(iter(batch.values()))).shape[0]) if batch and \
             np.ndim(next(iter(batch.values()))) else 1
         for feed, m in _chunks(batch, n_batch, splittable):
-            if pos + m <= skip:  # measured already
-                pos += m
+            start, pos = pos, pos + m  # this run holds samples start .. pos - 1 of the data
+            if pos <= skip:  # measured already
                 continue
-            if pos < skip:  # a run across the resumed part: only the rest of it
-                cut = skip - pos
+            if start < skip:  # a run across the resumed part: only the rest of it
+                cut = skip - start
                 if not splittable or not all(np.ndim(v) and np.shape(v)[0] == m for v in feed.values()):
                     raise ValueError("compare: the resumed samples end inside a batch the model takes whole")
                 feed, m = {k: np.asarray(v)[cut:] for k, v in feed.items()}, m - cut
-            pos += m
+            if offset != pos - m:  # a bug of ours: every figure would compare different samples
+                raise AssertionError("compare: the FP32 references are out of step with the samples")
             ref = kept.get(offset, m) if kept is not None else None
             if ref is None:
                 if ref_s is None:
                     ref_s = make_session(reference)
                 ref = ref_s.run(names, feed)
             got = q_s.run(names, feed)
-            _accumulate(c, names, ref, got, labels, offset)
+            _accumulate(c, names, ref, got, labels, offset, m)
             offset = c.samples
             if tolerance_db is not None and labels is None and c.samples >= min_samples \
                     and c.interval_half_width_db() <= tolerance_db:
@@ -189,8 +238,8 @@ def compare(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Ite
     return c
 
 
-def _accumulate(c: Comparison, names: Sequence[str], ref: list, got: list, labels, offset: int) -> None:
-    n = int(np.asarray(ref[0]).shape[0]) if np.ndim(ref[0]) else 1
+def _accumulate(c: Comparison, names: Sequence[str], ref: list, got: list, labels, offset: int, n: int) -> None:
+    """Add one run of ``n`` samples (samples ``offset .. offset + n - 1`` of the data)."""
     per_sample = all(np.ndim(r) and np.shape(r)[0] == n for r in ref)
     unit_s = np.zeros(n if per_sample else 1)
     unit_n = np.zeros_like(unit_s)
@@ -207,14 +256,29 @@ def _accumulate(c: Comparison, names: Sequence[str], ref: list, got: list, label
         c.noise[name] = c.noise.get(name, 0.0) + float(ns.sum())
     c.unit_signal.extend(unit_s.tolist())
     c.unit_noise.extend(unit_n.tolist())
-    if np.ndim(ref[0]) >= 2:
-        pr = np.asarray(ref[0]).reshape(n, -1).argmax(1)
-        pq = np.asarray(got[0]).reshape(n, -1).argmax(1)
-        c.agree += int(np.sum(pr == pq))
-        if labels is not None:
+    first = True
+    for name, r, g in zip(names, ref, got):
+        if name not in c.agree or not (np.ndim(r) >= 2 and np.shape(r)[0] == n):
+            continue
+        pr, pq = _predictions(np.asarray(r), n), _predictions(np.asarray(g), n)
+        c.agree[name] += int(np.sum(pr == pq))
+        c.predictions[name] += int(pr.size)
+        if first and labels is not None and pr.ndim == 1:
             lab = np.asarray(labels[offset:offset + n]).reshape(-1)
             if len(lab) == n:
                 c.correct_ref += int(np.sum(pr == lab))
                 c.correct_quant += int(np.sum(pq == lab))
                 c.labelled += n
+        first = False
     c.samples += n
+
+
+def _predictions(scores: np.ndarray, n: int) -> np.ndarray:
+    """The predicted class of each score vector: argmax over the last axis longer than one.
+    One per sample, ``(n,)``, for ``(N, C)`` or ``(N, C, 1, 1)``; ``(n, positions)`` for a
+    sequence of score vectors (an output the user names, such as ``(N, T, C)``)."""
+    shape = list(scores.shape[1:])
+    while len(shape) > 1 and shape[-1] == 1:
+        shape.pop()
+    pred = scores.reshape([n] + shape).argmax(-1).reshape(n, -1)
+    return pred[:, 0] if pred.shape[1] == 1 else pred

@@ -98,14 +98,7 @@ def summary_lines(report: dict) -> list:
     ]
     m = report.get("measured")
     if m:
-        line = f"measured output SQNR:  {_db(m['output_sqnr_db'])} dB on {m['samples']} calibration samples"
-        ci = m.get("output_sqnr_db_95")
-        if ci and all(v is not None for v in ci):
-            line += f" (95% interval {_db(ci[0])} to {_db(ci[1])} dB" + \
-                    ("; stopped there, the interval being tight enough)" if m.get("stopped_early") else ")")
-        if m.get("top1_agreement") is not None:
-            line += f"; top-1 agreement with FP32 {100 * m['top1_agreement']:.2f}%"
-        lines.append(line)
+        lines.extend(measured_lines(m))
     size = report.get("size_bytes")
     if size:
         lines.append(f"model size: {size['before'] / 1e6:.3f} MB -> {size['after'] / 1e6:.3f} MB "
@@ -144,6 +137,33 @@ def summary_lines(report: dict) -> list:
     for s in report["float_layers"]:
         lines.append(f"left in float: {s['name']} ({s['op']}): {s['reason']}")
     lines.extend(allocation_lines(report.get("allocation")))
+    return lines
+
+
+def measured_lines(m: dict, where: str = "calibration samples") -> list:
+    """The measured comparison with FP32: output SQNR (each output's and, with several, the
+    combined figure, labelled so), its interval, and top-1 agreement of the class-score outputs."""
+    per = m.get("per_output_sqnr_db") or {}
+    several = len(per) > 1
+    label = f"measured output SQNR, {len(per)} outputs combined:" if several else "measured output SQNR:"
+    line = f"{label}  {_db(m['output_sqnr_db'])} dB on {m['samples']} {where}"
+    ci = m.get("output_sqnr_db_95")
+    if ci and all(v is not None for v in ci):
+        line += f" (95% interval {_db(ci[0])} to {_db(ci[1])} dB" + \
+                ("; stopped there, the interval being tight enough)" if m.get("stopped_early") else ")")
+    agree = m.get("top1_agreement_per_output")
+    if agree is None and m.get("top1_agreement") is not None:  # a report of an earlier version
+        agree = {"": m["top1_agreement"]}
+    agree = agree or {}
+    if not several and agree:
+        line += f"; top-1 agreement with FP32 {100 * next(iter(agree.values())):.2f}%"
+    lines = [line]
+    if several:
+        for name, db in per.items():
+            lines.append(f"  output {name}: {_db(db)} dB"
+                         + (f"; top-1 agreement with FP32 {100 * agree[name]:.2f}%" if name in agree else ""))
+        if not agree:
+            lines.append("  (no output holds class scores, so no top-1 agreement; name one with --class-output)")
     return lines
 
 
