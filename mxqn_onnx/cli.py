@@ -17,6 +17,7 @@ from .calibration.data import PREPROCESSING
 from .config import (ACT_MODES, AUTO_ROUNDING_MAX_BITS, BIAS_MEANS, DEPTHWISE_SHIFTS, EQUALIZE, FORMATS,
                      QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES, ROUNDINGS, SENSITIVITIES, QuantConfig)
 from .errors import MxqnError
+from .writing import check_replaceable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,6 +169,10 @@ def cmd_report(args, console: Console, err: Console) -> int:
     from .report.tables import print_report
 
     report, kind = load_report(args.model)
+    if args.plot:
+        from .report.plots import check_plot_folder
+
+        check_plot_folder(args.plot)
     if not args.quiet:
         print_report(report, console, title=f"mxqn-onnx: {args.model}")
     if args.plot:
@@ -297,6 +302,26 @@ def _check_output_path(inp: str, out: str, what: str = "output") -> None:
         raise MxqnError(f"{what} folder {folder} is not writable ({exc.strerror or exc})") from None
 
 
+def _is_our_model(path: Path) -> bool:
+    """An earlier output of ``convert`` (an ONNX model holding our decisions)."""
+    import onnx
+
+    from .graph.loading import is_mxqn_model
+
+    try:
+        return is_mxqn_model(onnx.load(str(path), format="protobuf", load_external_data=False))
+    except Exception:  # not ONNX at all: certainly not ours
+        return False
+
+
+def _is_our_report(path: Path) -> bool:
+    """An earlier ``--report`` JSON."""
+    try:
+        return str(json.loads(path.read_text()).get("producer", "")).startswith("mxqn-onnx")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def cmd_convert(args, console: Console, err: Console) -> int:
     from .api import quantize
     from .writing import save_model_atomic, write_atomic
@@ -304,12 +329,15 @@ def cmd_convert(args, console: Console, err: Console) -> int:
     if not Path(args.input).is_file():
         raise MxqnError(f"{args.input}: no such file; give the path of an .onnx model")
     _check_output_path(args.input, args.output)
+    check_replaceable(args.output, _is_our_model, "output model")
     if args.report:
         _check_output_path(args.input, args.report, "report")
+        check_replaceable(args.report, _is_our_report, "report")
     if args.plot:
-        from .report.plots import require_matplotlib
+        from .report.plots import check_plot_folder, require_matplotlib
 
         require_matplotlib()  # fail before the conversion, not after it
+        check_plot_folder(args.plot)
     config = QuantConfig(
         wbits=args.wbits, abits=args.abits, weight_granularity=args.weight_granularity,
         act_quant=args.act_quant, log_margin_db=args.log_margin, exclude=tuple(args.exclude),

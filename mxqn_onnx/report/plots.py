@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import MxqnError
+from ..writing import check_folder_files, write_folder_files
 from ..quant import quantizers as Q
 from ..quant.choose import describe_activation
 
@@ -264,17 +265,33 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "tensor"
 
 
-def write_plots(report: dict, outdir) -> List[Path]:
-    """All the pictures for a report (see the module docstring); returns the files written."""
-    _plt()  # fail early, with the one-line message, when matplotlib is missing
+#: the plot files of every report; one histogram per activation tensor goes into ``hist/``
+FIXED_PLOTS = ("sqnr_layers.png", "bits.png", "output_sqnr.png")
+
+
+def check_plot_folder(outdir) -> None:
+    """Refuse, before a long conversion, a plot folder where a plot would replace a file of the
+    user's (a plot name, or any picture in ``hist/``, not written there by mxqn-onnx)."""
     out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise MxqnError(f"{out}: not a folder; give a folder for the plots")
-    (out / "hist").mkdir(parents=True, exist_ok=True)
-    written = [plot_sqnr_layers(report, out / "sqnr_layers.png"), plot_bits(report, out / "bits.png"),
-               plot_output_sqnr(report, out / "output_sqnr.png")]
-    hists: Dict[str, dict] = report.get("histograms") or {}
-    for i, act in enumerate(report["activations"]):
-        written.append(plot_histogram(act, hists.get(act["tensor"]),
-                                      out / "hist" / f"{i:03d}_{_safe(short_name(act['tensor'], 3))}.png"))
-    return written
+    hist = sorted(p.relative_to(out).as_posix() for p in (out / "hist").glob("*.png")) \
+        if (out / "hist").is_dir() else []
+    check_folder_files(out, list(FIXED_PLOTS) + hist, "plots")
+
+
+def write_plots(report: dict, outdir) -> List[Path]:
+    """All the pictures for a report (see the module docstring); returns the files written.
+    They are written as a set or not at all, and replace no file of the user's
+    (:func:`mxqn_onnx.writing.write_folder_files`)."""
+    _plt()  # fail early, with the one-line message, when matplotlib is missing
+
+    def render(out: Path) -> List[Path]:
+        (out / "hist").mkdir()
+        written = [plot_sqnr_layers(report, out / FIXED_PLOTS[0]), plot_bits(report, out / FIXED_PLOTS[1]),
+                   plot_output_sqnr(report, out / FIXED_PLOTS[2])]
+        hists: Dict[str, dict] = report.get("histograms") or {}
+        for i, act in enumerate(report["activations"]):
+            written.append(plot_histogram(act, hists.get(act["tensor"]),
+                                          out / "hist" / f"{i:03d}_{_safe(short_name(act['tensor'], 3))}.png"))
+        return written
+
+    return write_folder_files(outdir, render, "plots")
