@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 import mxqn_onnx
@@ -16,38 +15,7 @@ from mxqn_onnx.report import measure
 from mxqn_onnx.report.tables import measured_lines
 
 from conftest import MODELS, run_cli
-
-
-def _independent(fp32: onnx.ModelProto, quant: onnx.ModelProto, x: np.ndarray) -> dict:
-    """Per-output and combined SQNR and per-output argmax agreement, one sample per run."""
-    runs = []
-    for m in (fp32, quant):
-        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        name = s.get_inputs()[0].name
-        outs = [s.run(None, {name: x[i:i + 1]}) for i in range(len(x))]
-        runs.append([np.concatenate([o[j] for o in outs]).astype(np.float64) for j in range(len(outs[0]))])
-    names = [o.name for o in fp32.graph.output]
-    sig = {n: float(np.sum(r ** 2)) for n, r in zip(names, runs[0])}
-    noise = {n: float(np.sum((r - q) ** 2)) for n, r, q in zip(names, runs[0], runs[1])}
-    agree = {n: float(np.mean(r.reshape(len(x), -1).argmax(1) == q.reshape(len(x), -1).argmax(1)))
-             for n, r, q in zip(names, runs[0], runs[1])}
-    db = lambda s, e: 10 * np.log10(s / e)  # noqa: E731
-    return {"combined": db(sum(sig.values()), sum(noise.values())),
-            "per_output": {n: db(sig[n], noise[n]) for n in names}, "agree": agree}
-
-
-def _check(measured: dict, fp32: onnx.ModelProto, quant: onnx.ModelProto, calib: np.ndarray) -> None:
-    n = measured["samples"]
-    assert 0 < n <= len(calib)
-    truth = _independent(fp32, quant, calib[:n])
-    assert measured["output_sqnr_db"] == pytest.approx(truth["combined"], abs=0.1)
-    assert measured["per_output_sqnr_db"].keys() == truth["per_output"].keys()
-    for name, db in measured["per_output_sqnr_db"].items():
-        assert db == pytest.approx(truth["per_output"][name], abs=0.1), name
-    # top-1 agreement exactly, and only for the outputs that are class scores
-    assert measured["top1_agreement_per_output"].keys() == set(measured["class_outputs"])
-    for name, a in measured["top1_agreement_per_output"].items():
-        assert a == pytest.approx(truth["agree"][name], abs=1e-9), name
+from graph_helpers import check_measured as _check
 
 
 def _two_output_model() -> onnx.ModelProto:

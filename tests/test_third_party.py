@@ -181,3 +181,18 @@ def test_layout_f1_is_insensitive_to_faint_white_noise_and_breaks_under_loud(cap
     out = capsys.readouterr().out
     f1 = [float(line.split("F1 ")[1].split()[0]) for line in out.splitlines() if line.startswith("white noise")]
     assert len(f1) == 2 and f1[0] == 1.0 and f1[1] < 0.3
+
+
+def test_orientation_figures_are_true_when_batches_cut_the_held_back_pages():
+    """The issue's case: 13 rendered pages (3 held back) in batches of 5. The reported output
+    SQNR and agreement are those of an independent run on the pages the report names."""
+    path = _needs("orientation")
+    import onnx
+
+    import mxqn_onnx
+    from graph_helpers import check_measured
+
+    calib = tp.orientation_calib(list(tp.CALIB_SEEDS[:13]))
+    res = mxqn_onnx.quantize(str(path), {"x": calib}, batch_size=5)
+    assert res.holdout["held_back_samples"] == 3
+    check_measured(res.report()["measured"], onnx.load(str(path)), res.model, calib)
