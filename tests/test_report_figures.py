@@ -119,3 +119,18 @@ def test_evaluate_reports_each_output(tmp_path, calib):
     p = run_cli("evaluate", tmp_path / "f.onnx", tmp_path / "q.onnx", "--data", tmp_path / "d.npz")
     assert p.returncode == 0 and "2 outputs combined" in p.stdout
     assert sum("  output " in line for line in p.stdout.splitlines()) == 2
+
+
+def test_an_output_without_a_shape_gets_one(calib):
+    """An output appended by hand without a shape (onnxruntime runs it, onnx's checker does
+    not accept it): the conversion takes the inferred shape and measures that output too; the
+    caller's model is not changed."""
+    fp32 = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    conv = [n for n in fp32.graph.node if n.op_type == "Conv"][1]
+    fp32.graph.output.append(onnx.helper.make_tensor_value_info(conv.output[0], onnx.TensorProto.FLOAT, None))
+    before = fp32.SerializeToString()
+    r = mxqn_onnx.quantize(fp32, {"input": calib[:16]}, rounding="nearest")
+    assert fp32.SerializeToString() == before
+    onnx.checker.check_model(r.model, full_check=True)
+    assert [d.dim_value for d in r.model.graph.output[1].type.tensor_type.shape.dim][1:] == [16, 28, 28]
+    assert conv.output[0] in r.report()["measured"]["per_output_sqnr_db"]

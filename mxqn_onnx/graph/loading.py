@@ -7,6 +7,8 @@ node has a unique name. The source's inputs and outputs are kept as they are.
 
 from __future__ import annotations
 
+import copy
+
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,7 +60,37 @@ def load_model(src: ModelLike) -> onnx.ModelProto:
                         "(save a JSON or text model as .onnx first)")
             raise MxqnError(f"{path}: not a readable ONNX model ({first}){hint}") from None
     check_quantizable(model, label)
-    return model
+    return _with_output_shapes(model, label)
+
+
+def _with_output_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """The model with a shape on every graph output (a copy where one had none).
+
+    onnxruntime runs a model whose output type has no shape, but onnx's checker, which every
+    converted model passes, requires one: shape inference supplies it."""
+    missing = {o.name for o in model.graph.output
+               if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")}
+    if not missing:
+        return model
+    fixed = copy.deepcopy(model)  # the caller's model is not changed
+    outputs = list(fixed.graph.output)
+    # inference leaves graph outputs as they are: it gives their shapes as inner values
+    del fixed.graph.output[:]
+    fixed.graph.output.extend(o for o in outputs if o.name not in missing)
+    try:
+        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(fixed).graph.value_info}
+    except Exception:  # inference fails on the odd model: the message below says what to do
+        inferred = {}
+    del fixed.graph.output[:]
+    fixed.graph.output.extend(outputs)
+    for o in fixed.graph.output:
+        if o.name in missing:
+            v = inferred.get(o.name)
+            if v is None or not v.type.tensor_type.HasField("shape"):
+                raise MxqnError(f"{label}: output '{o.name}' has no shape and shape inference cannot give it "
+                                "one; export the model with output shapes (or run onnx.shape_inference)")
+            o.type.tensor_type.shape.CopyFrom(v.type.tensor_type.shape)
+    return fixed
 
 
 def read_model(path) -> onnx.ModelProto:
