@@ -341,13 +341,16 @@ def test_interrupted_write_leaves_no_output(work, capsys, monkeypatch):
 
 def test_failed_write_keeps_the_old_output(work, capsys, monkeypatch):
     old = work / "out" / "q.onnx"
-    old.write_bytes(b"an older model")
+    earlier = small_cnn()  # an earlier output of ours (the only kind convert replaces)
+    onnx.helper.set_model_props(earlier, {"mxqn": "{}"})
+    onnx.save(earlier, str(old))
+    before = old.read_bytes()
     _break_writes(monkeypatch, OSError(28, "No space left on device"))
     code = main(_convert(work))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0]
     assert [p.name for p in (work / "out").iterdir()] == ["q.onnx"]  # no temporary file left
-    assert old.read_bytes() == b"an older model"
+    assert old.read_bytes() == before
 
 
 # --------------------------------------------------------------------------- as a real process
