@@ -236,16 +236,30 @@ def _add_export_c(sub) -> None:
                                    "layers, one static arena, a ./run IN.bin OUT.bin harness. Build with "
                                    "cc -O2 -std=c99 -o run DIR/*.c -lm")
     p.add_argument("model", help="a model written by mxqn-onnx convert (--format mxqn)")
-    p.add_argument("dir", help="folder to write (replaced if it holds an earlier export)")
-    p.add_argument("--input-shape", type=int, nargs="+", metavar="D",
-                   help="sample shape, batch 1 (e.g. 1 3 224 224) when the input has dynamic dimensions")
+    p.add_argument("dir", help="folder to write (only this command's own files in it are replaced)")
+    p.add_argument("--input-shape", nargs="+", metavar="D",
+                   help="sample shape, batch 1 (1,3,224,224 or 1 3 224 224) when the input has dynamic dimensions")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def _shape_arg(parts: Optional[List[str]]) -> Optional[List[int]]:
+    """``--input-shape 1,3,48,192``, ``1 3 48 192`` or ``"1 3 48 192"``: a list of ints."""
+    if parts is None:
+        return None
+    items = " ".join(parts).replace(",", " ").split()
+    try:
+        dims = [int(d) for d in items]
+    except ValueError:
+        raise MxqnError(f"--input-shape {' '.join(parts)!r}: give whole numbers, e.g. 1,3,48,192 or 1 3 48 192") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise MxqnError(f"--input-shape {' '.join(parts)!r}: every dimension must be a positive whole number")
+    return dims
 
 
 def cmd_export_c(args, console: Console, err: Console) -> int:
     from .integer.c_export import export_c
 
-    info = export_c(args.model, args.dir, input_shape=args.input_shape)
+    info = export_c(args.model, args.dir, input_shape=_shape_arg(args.input_shape))
     if args.json:
         console.print_json(json.dumps({k: v for k, v in info.items() if k != "debug_records"}))
         return 0
