@@ -29,6 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import functions
+from .c_float import FloatOps, sigmoid_reaches_only_outputs
 from .c_ops import BetweenOps, Buf, Step, Val, acc_ctype, code_ctype, refuse, CTYPE_BYTES, INT_LIMIT
 from ..errors import MxqnError
 from .executor import IntegerExecutor, _attrs
@@ -55,7 +56,7 @@ def executor_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-class Planner(BetweenOps):
+class Planner(BetweenOps, FloatOps):
     """Walks the graph once, in order, and builds the steps."""
 
     def __init__(self, model: onnx.ModelProto, input_shape: Optional[Tuple[int, ...]] = None):
@@ -75,6 +76,7 @@ class Planner(BetweenOps):
         self.vals: Dict[str, Val] = {}
         self.steps: List[Step] = []
         self.inits = {t.name: t for t in g.initializer}
+        self.sigmoids: list = []
 
     # ------------------------------------------------------------------ shapes and constants
     def _input_shape(self, given) -> Tuple[int, ...]:
@@ -181,6 +183,11 @@ class Planner(BetweenOps):
             if o.name not in self.vals:
                 raise MxqnError(f"graph output '{o.name}' is a constant; nothing to export")
             self.outputs.append(self.vals[o.name])
+        bad = sigmoid_reaches_only_outputs(self.steps, self.outputs, [])
+        if bad is not None:
+            node = next(n for n in self.sigmoids if n.name == bad)
+            raise refuse(node, "a Sigmoid whose result is computed further (onnxruntime's approximation "
+                               "is bit-exact only on FMA machines; exported only where it leaves the network)")
         return self
 
     # ------------------------------------------------------------------ quantizers

@@ -14,6 +14,7 @@ import numpy as np
 
 from .c_kernels import Consts, chan_loop, comment, debug_codes, load_int, loop_decls, per_channel, ptr, \
     quant_float_code, requant_code
+from .c_float import emit_float_binary, emit_float_unary, emit_gather
 from .c_ops import Step
 
 
@@ -43,6 +44,18 @@ def emit(consts: Consts, s: Step, name: str, records: list) -> str:
     if fn is None:
         raise AssertionError(f"no emitter for {s.op}")
     return fn(consts, s, name, records)
+
+
+def _float_binary(consts, s, name, records):
+    return emit_float_binary(consts, s, name)
+
+
+def _float_unary(consts, s, name, records):
+    return emit_float_unary(consts, s, name)
+
+
+def _gather(consts, s, name, records):
+    return emit_gather(consts, s, name)
 
 
 def _quant_float(consts, s, name, records):
@@ -187,14 +200,6 @@ def _int_add(consts, s, name, records):
             f"    {y.ctype} *y = {ptr(y)};", "    " + loop_decls(y),
             "    " + chan_loop(y, f"y[i] = ({y.ctype})mxqn_f32_sum((int64_t)((uint64_t){load_int(a, 'xa[i]')} << {sa})"
                                  f" + (int64_t)((uint64_t){load_int(b, 'xb[i]')} << {sb}));")]
-    return _fn(name, s, body)
-
-
-def _float_add(consts, s, name, records):
-    a, b = s.ins
-    y = s.outs[0]
-    body = [f"    const float *xa = {ptr(a, True)};", f"    const float *xb = {ptr(b, True)};",
-            f"    float *y = {ptr(y)};", "    long i;", f"    for (i = 0; i < {y.numel}L; i++) y[i] = xa[i] + xb[i];"]
     return _fn(name, s, body)
 
 

@@ -288,7 +288,7 @@ def test_float_fallbacks_between_layers(tmp_path):
     model = convert("fallbacks")
     info, y, ref = assert_code_for_code(model, synth_data(24, 3), tmp_path / "fb")
     src = (tmp_path / "fb" / "model.c").read_text()
-    for op in ("float_clip", "float_maxpool", "float_add", "float_layer", "int_maxpool"):
+    for op in ("float_clip", "float_maxpool", "float_binary", "float_layer", "int_maxpool"):
         assert f"/* {op} '" in src, op
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)  # float layers at the end: float rounding
 
