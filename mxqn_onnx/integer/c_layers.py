@@ -130,7 +130,9 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
     def mul(wi: str, xe: str) -> str:
         return f"({st}){wi} * ({st}){xe}"
 
-    if "conv" in p:
+    if "convT" in p:
+        loops = _conv_transpose_loops(p, load_w, st, rd, epi, scratch["plane"].offset, decl)
+    elif "conv" in p:
         c = p["conv"]
         G = c["G"]
         CG, OG = c["C"] // G, O // G
@@ -182,6 +184,38 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
         dbg.append(f"    mxqn_debug_tensor({c_string(y.name)}, 0, {TYPE_CODE[y.ctype]}, (void *)y, {y.numel}L);")
     dbg.append("#endif")
     return "\n".join(head + body + decl + pre + [loops] + dbg + ["}"]) + "\n"
+
+
+def _conv_transpose_loops(p, load_w, st, rd, epi, plane, decl) -> str:
+    """Weight-stationary scatter: each tap adds ``w * x`` of a whole input plane to the output
+    positions ``iy * SH + ky * DH - PT`` (exact integer sums: the order does not matter)."""
+    c = p["convT"]
+    O, G = p["O"], c["G"]
+    CG, OG = c["C"] // G, O // G
+    H, W, OH, OW = c["H"], c["W"], c["OH"], c["OW"]
+    decl.append("    int ci, ky, kx, iy, ix, oy, ox;")
+    decl.append("    long oi, q;")
+    return (f"    {st} *acc = ({st} *)(mxqn_arena + {plane});\n"
+            f"    for (o = 0; o < {O}; o++) {{\n{load_w}"
+            f"        for (q = 0; q < {OH * OW}L; q++) acc[q] = 0;\n"
+            f"        for (ci = 0; ci < {CG}; ci++)\n"
+            f"            for (ky = 0; ky < {c['KH']}; ky++)\n"
+            f"                for (kx = 0; kx < {c['KW']}; kx++) {{\n"
+            f"                    const {st} wv = ({st})w[(ci * {c['KH']} + ky) * {c['KW']} + kx];\n"
+            f"                    const long xc = ((long)(o / {OG}) * {CG} + ci) * {H * W}L;\n"
+            f"                    if (wv == 0) continue;\n"
+            f"                    for (iy = 0; iy < {H}; iy++) {{\n"
+            f"                        oy = iy * {c['SH']} + ky * {c['DH']} - {c['PT']};\n"
+            f"                        if (oy < 0 || oy >= {OH}) continue;\n"
+            f"                        for (ix = 0; ix < {W}; ix++) {{\n"
+            f"                            ox = ix * {c['SW']} + kx * {c['DW']} - {c['PL']};\n"
+            f"                            if (ox < 0 || ox >= {OW}) continue;\n"
+            f"                            acc[(long)oy * {OW} + ox] += wv * ({st}){rd('x[xc + (long)iy * ' + str(W) + ' + ix]')};\n"
+            f"                        }}\n                    }}\n                }}\n"
+            f"        for (q = 0; q < {OH * OW}L; q++) {{\n"
+            f"            const {st} sum = acc[q];\n"
+            f"            oi = (long)o * {OH * OW}L + q;\n"
+            f"{epi}\n        }}\n    }}")
 
 
 def layer_weight_bytes(s: Step) -> int:

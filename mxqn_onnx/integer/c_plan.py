@@ -255,6 +255,13 @@ class Planner(BetweenOps, FloatOps):
             if w.ndim not in (3, 4):
                 raise refuse(node, f"{w.ndim - 2}-d convolution (1-d and 2-d only)")
             wm = w.reshape(w.shape[0], -1)
+        elif op == "ConvTranspose":
+            if w.ndim != 4:
+                raise refuse(node, f"{w.ndim - 2}-d ConvTranspose (2-d only)")
+            G = int(a.get("group", 1))
+            cg, og = w.shape[0] // G, w.shape[1]
+            # one row per output channel o = g * og + j: w[g * cg + ci, j, ky, kx] over (ci, ky, kx)
+            wm = np.concatenate([w[g * cg:(g + 1) * cg].transpose(1, 0, 2, 3).reshape(og, -1) for g in range(G)])
         elif op == "Gemm":
             wm = w if trans_b else w.T
         else:
@@ -263,7 +270,8 @@ class Planner(BetweenOps, FloatOps):
             wm = w.T
         wm = np.ascontiguousarray(wm)  # [O, K]: one row per output channel
         n_out, k_in = wm.shape
-        f_w = np.broadcast_to(L.w_frac.reshape(-1), (n_out,)).astype(np.int64)
+        f_w = L.w_frac.reshape(-1)
+        f_w = np.tile(f_w, n_out // f_w.size).astype(np.int64)  # ConvTranspose: per channel of a group
         lg_k = max(1, math.ceil(math.log2(max(k_in, 2))))
         p: Dict[str, Any] = {"w": wm, "O": n_out, "K": k_in, "wbits": L.w_bits}
         if x.kind == "int":
@@ -309,7 +317,16 @@ class Planner(BetweenOps, FloatOps):
                     for s, r, bb in zip(sum_bound, rs, bias if bias is not None else [0] * n_out))
         p.update(rs=rs, bias=bias, sum_type=acc_ctype(int(max(sum_bound))), f_acc=f_acc)
         out_shape = self.shape(node.output[0])
-        if op == "Conv":
+        if op == "ConvTranspose":
+            pads = list(a.get("pads", [0, 0, 0, 0]))
+            st, dl = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
+            if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or "output_shape" in a:
+                raise refuse(node, "ConvTranspose with auto_pad or output_shape (explicit pads only)")
+            p.update(convT=dict(C=x.shape[1], H=x.shape[2], W=x.shape[3], KH=w.shape[2], KW=w.shape[3], SH=st[0],
+                                SW=st[1], DH=dl[0], DW=dl[1], PT=pads[0], PL=pads[1], G=int(a.get("group", 1)),
+                                OH=out_shape[2], OW=out_shape[3]))
+            inner = int(out_shape[2] * out_shape[3])
+        elif op == "Conv":
             nd = w.ndim - 2
             if nd == 1:
                 x_sh = (x.shape[0], x.shape[1], 1, x.shape[2])
@@ -345,8 +362,8 @@ class Planner(BetweenOps, FloatOps):
             scratch.append(("xe", x.numel * 8))
         if p["container"] == "int4":
             scratch.append(("wrow", k_in))
-        if op == "Conv":
-            scratch.append(("plane", p["conv"]["OH"] * p["conv"]["OW"] * (4 if p["sum_type"] == "int32_t" else 8)))
+        if op in ("Conv", "ConvTranspose"):
+            scratch.append(("plane", p.get("conv", p.get("convT"))["OH"] * p.get("conv", p.get("convT"))["OW"] * (4 if p["sum_type"] == "int32_t" else 8)))
         self.add(Step("layer", node.name, [x], [out], p=p, scratch=scratch))
 
     def _container(self, node: onnx.NodeProto, L) -> str:
