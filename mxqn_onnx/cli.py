@@ -267,7 +267,9 @@ def cmd_export_c(args, console: Console, err: Console) -> int:
                   f"bytes, weights {info['weight_bytes']} bytes; build: cc -O2 -std=c99 -o run {info['dir']}/*.c -lm",
                   highlight=False, markup=False, soft_wrap=True)
     if info["float_ops"]:
-        console.print("float C: " + ", ".join(info["float_ops"]), highlight=False, markup=False, soft_wrap=True)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["float_summary"].items(), key=lambda kv: -kv[1]))
+        console.print(f"float C ({len(info['float_ops'])} steps, --json lists them): {kinds}",
+                      highlight=False, markup=False, soft_wrap=True)
     return 0
 
 

@@ -220,6 +220,8 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
     arena = allocate(steps, outputs)
     consts = Consts()
     funcs, calls, records, float_ops = [], [], [], []
+    op_type = {n.name: n.op_type for n in model.graph.node}
+    float_kinds: dict = {}
     weight_bytes = 0
     dbg_max = 1
     for i, s in enumerate(steps):
@@ -234,6 +236,8 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
             funcs.append(emit(consts, s, fname, records))
             if s.op.startswith("float_") or s.op == "to_float":
                 float_ops.append(f"{s.node} ({s.op})")
+                kind = "to float32" if s.op == "to_float" else op_type.get(s.node, s.op)
+                float_kinds[kind] = float_kinds.get(kind, 0) + 1
         calls.append(f"    {fname}(); /* {comment(s.op)} '{comment(s.node)}' */")
     funcs.append(_output_fn(consts, outputs))
     calls.append("    mxqn_outputs();")
@@ -276,6 +280,7 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
         "input_name": planner.input.name, "input_shape": list(planner.in_shape), "input_size": in_size,
         "outputs": [{"name": v.name, "shape": list(v.shape)} for v in outputs], "output_size": out_size,
         "layers": sum(1 for s in steps if s.op == "layer"), "steps": len(calls) - 1, "float_ops": float_ops,
+        "float_summary": float_kinds,
         "debug_records": [{"name": n, "role": r, "type": t, "count": c} for n, r, t, c in records],
         "mxqn_metadata": bool(meta),
     }

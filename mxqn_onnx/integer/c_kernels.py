@@ -20,11 +20,13 @@ TYPE_CODE = {"int8_t": 0, "uint8_t": 1, "int16_t": 2, "uint16_t": 3, "int32_t": 
 RUNTIME = r"""
 /* ---------------------------------------------------------------- integer helpers */
 
-/* a * 2^-s rounded half to even, for s >= 1: arithmetic shift plus the rounding bit
+/* a * 2^-s rounded half to even, for s >= 0: arithmetic shift plus the rounding bit
  * (round up when the dropped bits exceed half, or equal half and the kept LSB is odd). */
 static inline int64_t mxqn_srne(int64_t a, int s)
 {
     int64_t q, rem, half;
+    if (s <= 0)
+        return a; /* per-channel shifts may be 0 for some channels */
     if (s > 62)
         return 0; /* |a| < 2^62 everywhere in this program */
     q = a >= 0 ? (a >> s) : ~((~a) >> s); /* floor(a / 2^s) */

@@ -52,17 +52,17 @@ def digits(n: int, name: str = "digits_test.npz") -> np.ndarray:
     return np.load(MODELS / name)["input"][:n]
 
 
-def export_and_build(model, folder):
-    info = mxqn_onnx.export_c(model, folder)
+def export_and_build(model, folder, input_shape=None):
+    info = mxqn_onnx.export_c(model, folder, input_shape=input_shape)
     exe, dbg = folder.parent / (folder.name + "_run"), folder.parent / (folder.name + "_dbg")
     assert build_c(folder, exe) == ""  # warning-free under -Wall -Wextra
     assert build_c(folder, dbg, debug=True) == ""
     return info, exe, dbg
 
 
-def assert_code_for_code(model, x, folder):
+def assert_code_for_code(model, x, folder, input_shape=None):
     """Every quantizer's codes and every layer's accumulator equal the executor's, per sample."""
-    info, exe, dbg = export_and_build(model, folder)
+    info, exe, dbg = export_and_build(model, folder, input_shape)
     n = len(x)
     dump = folder.parent / (folder.name + ".dump")
     y, _ = run_c(exe, x, info["output_size"])
