@@ -20,11 +20,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import onnx
 
+from .c_board import BOARDS, board_files
 from .c_files import MANIFEST, MARKER, write_export
 from .c_kernels import RUNTIME, Consts, comment, per_channel, ptr
-from .c_layers import emit_layer, layer_weight_bytes
+from .c_layers import emit_layer, layer_macs, layer_weight_bytes
 from .c_ops import Val
 from .c_plan import Planner, allocate, fuse
+from .c_run import arm_tools, measure_board
 from .c_steps import emit
 from ..errors import MxqnError
 from ..graph.loading import METADATA_KEY
@@ -127,6 +129,17 @@ MAIN = r"""/* {marker}: command-line harness.
 #include <time.h>
 #include "model.h"
 
+#ifdef MXQN_BOARD
+/* the board's startup.c: a free-running 25 MHz timer (40 instructions per tick under QEMU's
+ * -icount shift=0); the run's count is printed to stderr at the end */
+unsigned long mxqn_board_ticks(void);
+#define MXQN_NOW() mxqn_board_ticks()
+typedef unsigned long mxqn_time_t;
+#else
+#define MXQN_NOW() clock()
+typedef clock_t mxqn_time_t;
+#endif
+
 static float in_buf[MXQN_INPUT_SIZE];
 static float out_buf[MXQN_OUTPUT_SIZE];
 
@@ -165,7 +178,7 @@ int main(int argc, char **argv)
     FILE *fi, *fo;
     long n = 0;
     size_t got;
-    clock_t t0, spent = 0;
+    mxqn_time_t t0, spent = 0;
     if (argc != 3) {{
         fprintf(stderr, "usage: %s IN.bin OUT.bin (raw float32, %ld values per sample in, %ld out)\n",
                 argv[0], (long)MXQN_INPUT_SIZE, (long)MXQN_OUTPUT_SIZE);
@@ -186,9 +199,9 @@ int main(int argc, char **argv)
     if (getenv("MXQN_FORCE")) force_f = fopen(getenv("MXQN_FORCE"), "rb");
 #endif
     while ((got = fread(in_buf, sizeof(float), (size_t)MXQN_INPUT_SIZE, fi)) == (size_t)MXQN_INPUT_SIZE) {{
-        t0 = clock();
+        t0 = MXQN_NOW();
         mxqn_run(in_buf, out_buf);
-        spent += clock() - t0;
+        spent += MXQN_NOW() - t0;
         if (fwrite(out_buf, sizeof(float), (size_t)MXQN_OUTPUT_SIZE, fo) != (size_t)MXQN_OUTPUT_SIZE) {{
             fprintf(stderr, "run: cannot write %s\n", argv[2]);
             return 1;
@@ -205,6 +218,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "run: cannot write %s\n", argv[2]);
         return 1;
     }}
+#ifdef MXQN_BOARD
+    if (n > 0)
+        fprintf(stderr, "samples %ld, timer ticks %lu (25 MHz)\n", n, (unsigned long)spent);
+#endif
     if (getenv("MXQN_TIME") && n > 0)
         fprintf(stderr, "samples %ld, %.3f us per sample\n", n, 1e6 * (double)spent / CLOCKS_PER_SEC / (double)n);
     return 0;
@@ -212,7 +229,8 @@ int main(int argc, char **argv)
 """
 
 
-def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None, name: str = "model") -> dict:
+def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None, name: str = "model",
+             board: Optional[str] = None) -> dict:
     """The three files as text plus what the export measured (no files written)."""
     planner = Planner(model, tuple(input_shape) if input_shape is not None else None).plan()
     outputs = planner.outputs
@@ -223,6 +241,7 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
     op_type = {n.name: n.op_type for n in model.graph.node}
     float_kinds: dict = {}
     weight_bytes = 0
+    macs = 0
     dbg_max = 1
     for i, s in enumerate(steps):
         if s.op == "view":
@@ -230,6 +249,7 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
         fname = f"mxqn_step{i}"
         if s.op == "layer":
             funcs.append(emit_layer(consts, s, fname, records))
+            macs += layer_macs(s)
             weight_bytes += layer_weight_bytes(s)
             dbg_max = max(dbg_max, s.p["acc"].numel)
         else:
@@ -280,16 +300,18 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
         "input_name": planner.input.name, "input_shape": list(planner.in_shape), "input_size": in_size,
         "outputs": [{"name": v.name, "shape": list(v.shape)} for v in outputs], "output_size": out_size,
         "layers": sum(1 for s in steps if s.op == "layer"), "steps": len(calls) - 1, "float_ops": float_ops,
-        "float_summary": float_kinds,
+        "float_summary": float_kinds, "macs": macs,
         "debug_records": [{"name": n, "role": r, "type": t, "count": c} for n, r, t, c in records],
         "mxqn_metadata": bool(meta),
     }
     files = {"model.h": header, "model.c": "\n".join(body), "main.c": MAIN.format(marker=MARKER)}
+    if board is not None:
+        files.update(board_files(board, MARKER))
     return {"files": files, "info": info}
 
 
 def export_c(model_or_path: Union[str, os.PathLike, onnx.ModelProto], out_dir: Union[str, os.PathLike],
-             *, input_shape: Optional[Sequence[int]] = None) -> dict:
+             *, input_shape: Optional[Sequence[int]] = None, board: Optional[str] = None) -> dict:
     """Write the model as integer-only C99 into ``out_dir``; returns what was written.
 
     Args:
@@ -301,6 +323,10 @@ def export_c(model_or_path: Union[str, os.PathLike, onnx.ModelProto], out_dir: U
             :mod:`mxqn_onnx.integer.c_files`), never a file it did not write.
         input_shape: the sample shape (batch 1) when the model's input has dynamic dimensions
             other than the batch.
+        board: also write startup code, a linker script and a Makefile for this board
+            (``mps2-an386``: Cortex-M4F, ``mps2-an500``: Cortex-M7; see
+            :mod:`mxqn_onnx.integer.c_board`). With arm-none-eabi-gcc installed the export is
+            built once in a temporary folder and ``board_size`` gives its flash and RAM.
 
     Returns a dict with ``dir``, ``files``, ``arena_bytes`` (the static activation arena),
     ``weight_bytes`` (weights and biases as stored), ``const_bytes`` (every constant array),
@@ -315,9 +341,16 @@ def export_c(model_or_path: Union[str, os.PathLike, onnx.ModelProto], out_dir: U
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MxqnError(f"{out} exists and is not a folder; choose a folder name")
-    gen = generate(model, input_shape, name)
+    if board is not None and board not in BOARDS:
+        raise MxqnError(f"--board {board}: unknown board; choose one of {', '.join(BOARDS)}")
+    gen = generate(model, input_shape, name, board)
+    size = None
+    if board is not None and arm_tools() is None:
+        size = measure_board(gen["files"])  # before writing: a failing build writes nothing
     write_export(out, gen["files"])
     info = dict(gen["info"])
     info["dir"] = str(out)
+    info["board"] = board
+    info["board_size"] = size
     info["files"] = [str(out / f) for f in gen["files"]] + [str(out / MANIFEST)]
     return info

@@ -218,6 +218,17 @@ def _conv_transpose_loops(p, load_w, st, rd, epi, plane, decl) -> str:
             f"{epi}\n        }}\n    }}")
 
 
+def layer_macs(s: Step) -> int:
+    """Multiply-accumulates of one run of the layer (weights times output positions)."""
+    p = s.p
+    c = p.get("conv") or p.get("convT")
+    if "conv" in p:
+        return p["O"] * p["K"] * c["OH"] * c["OW"]
+    if "convT" in p:  # each input pixel meets every weight once
+        return p["O"] * p["K"] * c["H"] * c["W"]
+    return p["O"] * p["K"] * p["rows"]
+
+
 def layer_weight_bytes(s: Step) -> int:
     p = s.p
     n = p["O"] * p["K"]
