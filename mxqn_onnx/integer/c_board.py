@@ -165,6 +165,7 @@ SECTIONS
 MAKEFILE = """# {marker}: build for {board} ({core}) and run under QEMU.
 #   make                                   model.elf (arm-none-eabi-gcc, newlib + semihosting)
 #   make qemu IN=in.bin OUT=out.bin        run it: raw float32 in, raw float32 out
+#   make profile IN=in.bin OUT=out.bin     the same with a per-step count of timer ticks
 #   make size                              flash and RAM (arm-none-eabi-size)
 #   make host                              ./run for this machine (cc)
 # Paths are relative to this folder (make -C DIR ... changes into it first).
@@ -186,13 +187,21 @@ qemu: model.elf
 \t$(QEMU) -machine {machine} -nographic -monitor none -serial none -icount shift=0,sleep=off \\
 \t    -semihosting-config enable=on,target=native -kernel model.elf -append "$(IN) $(OUT)"
 
+model_prof.elf: $(SRCS) model.h board.ld
+\t$(CC) $(CFLAGS) -DMXQN_PROFILE $(LDFLAGS) -o $@ $(SRCS) -lm
+
+# the timer ticks of every step (40 instructions each under -icount shift=0), on stderr
+profile: model_prof.elf
+\t$(QEMU) -machine {machine} -nographic -monitor none -serial none -icount shift=0,sleep=off \\
+\t    -semihosting-config enable=on,target=native -kernel model_prof.elf -append "$(IN) $(OUT)"
+
 size: model.elf
 \t$(SIZE) -A model.elf
 
 host: model.c main.c model.h
 \tcc -O2 -std=c99 -o run model.c main.c -lm
 
-.PHONY: qemu size host
+.PHONY: qemu profile size host
 """
 
 

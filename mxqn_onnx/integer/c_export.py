@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from .c_board import BOARDS, board_files
+from .c_fast import DOT_2X2
 from .c_files import MANIFEST, MARKER, write_export
 from .c_kernels import RUNTIME, Consts, comment, per_channel, ptr
 from .c_layers import emit_layer, layer_macs, layer_weight_bytes
@@ -221,12 +222,43 @@ int main(int argc, char **argv)
 #ifdef MXQN_BOARD
     if (n > 0)
         fprintf(stderr, "samples %ld, timer ticks %lu (25 MHz)\n", n, (unsigned long)spent);
+#ifdef MXQN_PROFILE
+    {{
+        extern unsigned long mxqn_prof_ticks[];
+        extern const int mxqn_prof_steps;
+        int k;
+        for (k = 0; k < mxqn_prof_steps; k++)
+            fprintf(stderr, "step %d ticks %lu\n", k, mxqn_prof_ticks[k]);
+    }}
+#endif
 #endif
     if (getenv("MXQN_TIME") && n > 0)
         fprintf(stderr, "samples %ld, %.3f us per sample\n", n, 1e6 * (double)spent / CLOCKS_PER_SEC / (double)n);
     return 0;
 }}
 """
+
+
+PROFILE = """/* -DMXQN_PROFILE on the board: timer ticks per step (mxqn_prof_ticks[], printed by main.c) */
+#if defined(MXQN_PROFILE) && defined(MXQN_BOARD)
+unsigned long mxqn_board_ticks(void);
+unsigned long mxqn_prof_ticks[{n}];
+const int mxqn_prof_steps = {n};
+#define MXQN_PROF(i, call) do {{ unsigned long t_ = mxqn_board_ticks(); call; \\
+        mxqn_prof_ticks[i] += mxqn_board_ticks() - t_; }} while (0)
+#else
+#define MXQN_PROF(i, call) call
+#endif
+"""
+
+
+def _step_kind(s) -> dict:
+    """What a step is, for per-step profiles: a fixed- or log-input layer, float C, or other."""
+    if s.op == "layer":
+        kind = "layer_log" if s.ins[0].kind == "log" else "layer_fixed"
+        return {"op": s.op, "node": s.node, "kind": kind, "macs": layer_macs(s), "fast": bool(s.p.get("fast"))}
+    kind = "float" if s.op.startswith("float_") or s.op == "to_float" else "other"
+    return {"op": s.op, "node": s.node, "kind": kind, "macs": 0}
 
 
 def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None, name: str = "model",
@@ -242,6 +274,7 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
     float_kinds: dict = {}
     weight_bytes = 0
     macs = 0
+    prof: list = []
     dbg_max = 1
     for i, s in enumerate(steps):
         if s.op == "view":
@@ -258,9 +291,11 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
                 float_ops.append(f"{s.node} ({s.op})")
                 kind = "to float32" if s.op == "to_float" else op_type.get(s.node, s.op)
                 float_kinds[kind] = float_kinds.get(kind, 0) + 1
-        calls.append(f"    {fname}(); /* {comment(s.op)} '{comment(s.node)}' */")
+        calls.append(f"    MXQN_PROF({len(calls)}, {fname}()); /* {comment(s.op)} '{comment(s.node)}' */")
+        prof.append(dict(_step_kind(s), step=fname))
     funcs.append(_output_fn(consts, outputs))
-    calls.append("    mxqn_outputs();")
+    calls.append(f"    MXQN_PROF({len(calls)}, mxqn_outputs());")
+    prof.append({"step": "mxqn_outputs", "op": "outputs", "node": "", "kind": "other", "macs": 0})
     in_size = int(np.prod(planner.in_shape))
     out_size = sum(v.numel for v in outputs)
     meta = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), "")
@@ -289,7 +324,7 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
             "static const float *g_in;", "static float *g_out;", "",
             "#ifdef MXQN_DEBUG", f"static int64_t mxqn_dbg_acc[{dbg_max}];",
             "#define MXQN_DBG_ACC(i, v) (mxqn_dbg_acc[i] = (v))", "#else", "#define MXQN_DBG_ACC(i, v) ((void)0)",
-            "#endif", RUNTIME, "/* ---------------------------------------------------------------- constants */", ""]
+            "#endif", PROFILE.format(n=len(calls)), RUNTIME, DOT_2X2, "/* ---------------------------------------------------------------- constants */", ""]
     body += consts.lines
     body += ["/* ---------------------------------------------------------------- steps */", ""]
     body += funcs
@@ -300,7 +335,7 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
         "input_name": planner.input.name, "input_shape": list(planner.in_shape), "input_size": in_size,
         "outputs": [{"name": v.name, "shape": list(v.shape)} for v in outputs], "output_size": out_size,
         "layers": sum(1 for s in steps if s.op == "layer"), "steps": len(calls) - 1, "float_ops": float_ops,
-        "float_summary": float_kinds, "macs": macs,
+        "float_summary": float_kinds, "macs": macs, "profile_steps": prof,
         "debug_records": [{"name": n, "role": r, "type": t, "count": c} for n, r, t, c in records],
         "mxqn_metadata": bool(meta),
     }

@@ -12,6 +12,7 @@ from typing import List
 
 import numpy as np
 
+from .c_fast import emit_fast_layer
 from .c_kernels import TYPE_CODE, Consts, c_string, comment, per_channel, ptr, requant_code
 from .c_ops import Step, Val
 
@@ -78,6 +79,10 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
     x: Val = s.ins[0]
     y: Val = s.outs[0]
     acc: Val = p["acc"]
+    if p.get("fast"):
+        col = dict(zip([n for n, _ in s.scratch], s.scratch_bufs))["col"].offset
+        return emit_fast_layer(consts, s, fname, _epilogue(consts, s, records), col) + "\n" + \
+            "\n".join(_debug(s, records)) + "\n}\n"
     O, K = p["O"], p["K"]
     st = p["sum_type"]
     wname = _weights(consts, s)
@@ -176,6 +181,12 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
                  f"                sum += {mul('w[k]', rd('xr[k]'))};\n"
                  f"            oi = r * {O}L + o;\n"
                  f"{epi}\n        }}\n    }}")
+    return "\n".join(head + body + decl + pre + [loops] + _debug(s, records) + ["}"]) + "\n"
+
+
+def _debug(s: Step, records: list) -> List[str]:
+    """The debug build's reports after a layer: its exact sum, and its codes when it ends in a quantizer."""
+    acc, y = s.p["acc"], s.outs[0]
     records.append((acc.name, 1, "int64_t", acc.numel))
     dbg = [f"#ifdef MXQN_DEBUG\n    mxqn_debug_tensor({c_string(acc.name)}, 1, {TYPE_CODE['int64_t']}, "
            f"(void *)mxqn_dbg_acc, {acc.numel}L);"]
@@ -183,7 +194,7 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
         records.append((y.name, 0, y.ctype, y.numel))
         dbg.append(f"    mxqn_debug_tensor({c_string(y.name)}, 0, {TYPE_CODE[y.ctype]}, (void *)y, {y.numel}L);")
     dbg.append("#endif")
-    return "\n".join(head + body + decl + pre + [loops] + dbg + ["}"]) + "\n"
+    return dbg
 
 
 def _conv_transpose_loops(p, load_w, st, rd, epi, plane, decl) -> str:

@@ -29,6 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import functions
+from .c_fast import fast_ok, fast_scratch
 from .c_float import FloatOps, sigmoid_reaches_only_outputs
 from .c_ops import BetweenOps, Buf, Step, Val, acc_ctype, code_ctype, refuse, CTYPE_BYTES, INT_LIMIT
 from ..errors import MxqnError
@@ -364,7 +365,11 @@ class Planner(BetweenOps, FloatOps):
             scratch.append(("wrow", k_in))
         if op in ("Conv", "ConvTranspose"):
             scratch.append(("plane", p.get("conv", p.get("convT"))["OH"] * p.get("conv", p.get("convT"))["OW"] * (4 if p["sum_type"] == "int32_t" else 8)))
-        self.add(Step("layer", node.name, [x], [out], p=p, scratch=scratch))
+        step = Step("layer", node.name, [x], [out], p=p, scratch=scratch)
+        if fast_ok(step):  # the int16 dot-product kernel: two im2col columns instead of a sum plane
+            p["fast"] = True
+            step.scratch = [sc for sc in scratch if sc[0] != "plane"] + [("col", fast_scratch(p))]
+        self.add(step)
 
     def _container(self, node: onnx.NodeProto, L) -> str:
         data_i, w_i = (1, 0) if L.weight_first else (0, 1)

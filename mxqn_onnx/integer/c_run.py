@@ -150,16 +150,17 @@ def measure_board(files: Dict[str, str]) -> Dict[str, int]:
         return out
 
 
-def run_board(src_dir, x: np.ndarray, out_size: int) -> Tuple[np.ndarray, int]:
+def run_board(src_dir, x: np.ndarray, out_size: int, profile: bool = False):
     """``make -C src_dir qemu`` on the samples ``x``; returns ([n, out_size], instructions per
-    sample: QEMU's -icount shift=0 count between the two timer reads around each mxqn_run)."""
+    sample: QEMU's -icount shift=0 count between the two timer reads around each mxqn_run).
+    ``profile``: ``make profile`` instead, and a third value: instructions per sample per step."""
     from .c_board import INSNS_PER_TICK
 
     with tempfile.TemporaryDirectory() as tmp:
         fin, fout = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         np.ascontiguousarray(x, dtype=np.float32).tofile(fin)
-        p = subprocess.run(["make", "-s", "-C", str(src_dir), "qemu", f"IN={fin}", f"OUT={fout}"],
-                           capture_output=True, text=True)
+        p = subprocess.run(["make", "-s", "-C", str(src_dir), "profile" if profile else "qemu", f"IN={fin}",
+                            f"OUT={fout}"], capture_output=True, text=True)
         if p.returncode != 0 or not fout.exists():
             raise MxqnError(f"make qemu failed in {src_dir}: {(p.stderr or p.stdout).strip()[:1000]}")
         line = next((l for l in (p.stderr + p.stdout).splitlines() if "timer ticks" in l), None)
@@ -167,4 +168,8 @@ def run_board(src_dir, x: np.ndarray, out_size: int) -> Tuple[np.ndarray, int]:
             raise MxqnError(f"make qemu in {src_dir} printed no timer count: {p.stderr.strip()[:500]}")
         n, ticks = int(line.split(",")[0].split()[1]), int(line.split("ticks")[1].split()[0])
         y = np.fromfile(fout, np.float32).reshape(len(x), out_size)
-        return y, (ticks * INSNS_PER_TICK) // max(n, 1)
+        if not profile:
+            return y, (ticks * INSNS_PER_TICK) // max(n, 1)
+        steps = [int(l.split("ticks")[1]) * INSNS_PER_TICK // max(n, 1) for l in p.stderr.splitlines()
+                 if l.startswith("step ")]
+        return y, (ticks * INSNS_PER_TICK) // max(n, 1), steps

@@ -83,9 +83,22 @@ def _to_float(consts, s, name, records):
                  (f"        y[i] = x[i] == 0 ? 0.0f : (x[i] < 0 ? -{lv}[-x[i] - 1] : {lv}[x[i] - 1]);" if x.quant["signed"]
                   else f"        y[i] = x[i] == 0 ? 0.0f : {lv}[x[i] - 1];")]
     else:
-        f = per_channel(consts, -x.frac, "int32_t", "nfrac")
-        body += ["    " + loop_decls(x), "    " + chan_loop(x, f"y[i] = (float)ldexp((double)x[i], {f});")]
+        body += ["    " + loop_decls(x), "    " + chan_loop(x, f"y[i] = {int_to_float(consts, x, 'x[i]')};")]
     return _fn(name, s, body)
+
+
+def int_to_float(consts, x, e: str, idx: str = "c") -> str:
+    """C for the float32 of ``e * 2^-frac`` as the executor computes it: exact in float64, one
+    rounding to float32. Below 2^53 a single rounding of the integer to float32 (``(float)e``,
+    correctly rounded) times the exact power of two is the same number, without double
+    arithmetic (software on a Cortex-M4), as long as the scale and the products stay normal."""
+    f = np.asarray(x.frac).reshape(-1)
+    if x.bound < 2 ** 53 and f.max() <= 126 and f.min() >= -(127 - 64):
+        if len(set(f.tolist())) == 1:
+            return f"(float){e} * {float(np.float32(2.0 ** -int(f[0])))!r}f"
+        sc = consts.array("float", (2.0 ** -f.astype(np.float64)).astype(np.float32), "fscale")
+        return f"(float){e} * {sc}[{idx}]"
+    return f"(float)ldexp((double){e}, {per_channel(consts, -x.frac, 'int32_t', 'nfrac', idx)})"
 
 
 def _int_relu(consts, s, name, records):
