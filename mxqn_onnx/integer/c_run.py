@@ -173,3 +173,30 @@ def run_board(src_dir, x: np.ndarray, out_size: int, profile: bool = False):
         steps = [int(l.split("ticks")[1]) * INSNS_PER_TICK // max(n, 1) for l in p.stderr.splitlines()
                  if l.startswith("step ")]
         return y, (ticks * INSNS_PER_TICK) // max(n, 1), steps
+
+
+def callgrind_insns(exe, x: np.ndarray, out_size: int) -> Optional[Tuple[int, Dict[str, int]]]:
+    """Instructions per sample inside ``mxqn_run`` on this machine (valgrind's callgrind, only
+    ``mxqn_run`` collected), in total and per step function; None without valgrind."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_annotate") is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        fin, fout, cg = Path(tmp) / "in.bin", Path(tmp) / "out.bin", Path(tmp) / "cg.out"
+        np.ascontiguousarray(x, dtype=np.float32).tofile(fin)
+        p = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={cg}", "--toggle-collect=mxqn_run",
+                            str(exe), str(fin), str(fout)], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise MxqnError(f"valgrind {exe} failed: {p.stderr.strip()[-500:]}")
+        a = subprocess.run(["callgrind_annotate", "--threshold=100", str(cg)], capture_output=True, text=True).stdout
+    total, steps = 0, {}
+    for line in a.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].replace(",", "").isdigit():
+            n = int(parts[0].replace(",", ""))
+            if "PROGRAM TOTALS" in line:
+                total = n
+            elif ":" in parts[-2] if len(parts) > 2 else False:
+                steps[parts[-2].split(":")[-1]] = n
+            else:
+                steps[parts[1].split(":")[-1]] = n
+    return total // max(len(x), 1), {k: v // max(len(x), 1) for k, v in steps.items()}
