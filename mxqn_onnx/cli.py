@@ -275,7 +275,10 @@ def cmd_export_c(args, console: Console, err: Console) -> int:
                       highlight=False, markup=False, soft_wrap=True)
     if info.get("board"):
         sz = info.get("board_size")
-        if sz:
+        if sz and "error" in sz:
+            console.print(f"{info['board']}: the board build failed here ({sz['error']})", highlight=False,
+                          markup=False, soft_wrap=True)
+        elif sz:
             console.print(f"{info['board']}: flash {sz['flash_bytes']} bytes (model {sz['model_flash_bytes']}), RAM "
                           f"{sz['ram_bytes']} bytes (model {sz['model_ram_bytes']}; the rest: newlib stdio, 16 KiB "
                           f"heap, 16 KiB stack), from arm-none-eabi-size; run: make -C {info['dir']} qemu IN=in.bin "

