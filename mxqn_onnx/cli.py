@@ -247,16 +247,33 @@ def _add_export_c(sub) -> None:
                                    "layers, one static arena, a ./run IN.bin OUT.bin harness. Build with "
                                    "cc -O2 -std=c99 -o run DIR/*.c -lm")
     p.add_argument("model", help="a model written by mxqn-onnx convert (--format mxqn)")
-    p.add_argument("dir", help="folder to write (replaced if it holds an earlier export)")
-    p.add_argument("--input-shape", type=int, nargs="+", metavar="D",
-                   help="sample shape, batch 1 (e.g. 1 3 224 224) when the input has dynamic dimensions")
+    p.add_argument("dir", help="folder to write (only this command's own files in it are replaced)")
+    p.add_argument("--input-shape", nargs="+", metavar="D",
+                   help="sample shape, batch 1 (1,3,224,224 or 1 3 224 224) when the input has dynamic dimensions")
+    p.add_argument("--board", choices=("mps2-an386", "mps2-an500"),
+                   help="also write startup code, linker script and Makefile for this Cortex-M board "
+                        "(make -C DIR qemu IN=in.bin OUT=out.bin runs it under qemu-system-arm)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def _shape_arg(parts: Optional[List[str]]) -> Optional[List[int]]:
+    """``--input-shape 1,3,48,192``, ``1 3 48 192`` or ``"1 3 48 192"``: a list of ints."""
+    if parts is None:
+        return None
+    items = " ".join(parts).replace(",", " ").split()
+    try:
+        dims = [int(d) for d in items]
+    except ValueError:
+        raise MxqnError(f"--input-shape {' '.join(parts)!r}: give whole numbers, e.g. 1,3,48,192 or 1 3 48 192") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise MxqnError(f"--input-shape {' '.join(parts)!r}: every dimension must be a positive whole number")
+    return dims
 
 
 def cmd_export_c(args, console: Console, err: Console) -> int:
     from .integer.c_export import export_c
 
-    info = export_c(args.model, args.dir, input_shape=args.input_shape)
+    info = export_c(args.model, args.dir, input_shape=_shape_arg(args.input_shape), board=args.board)
     if args.json:
         console.print_json(json.dumps({k: v for k, v in info.items() if k != "debug_records"}))
         return 0
@@ -264,7 +281,22 @@ def cmd_export_c(args, console: Console, err: Console) -> int:
                   f"bytes, weights {info['weight_bytes']} bytes; build: cc -O2 -std=c99 -o run {info['dir']}/*.c -lm",
                   highlight=False, markup=False, soft_wrap=True)
     if info["float_ops"]:
-        console.print("float C: " + ", ".join(info["float_ops"]), highlight=False, markup=False, soft_wrap=True)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["float_summary"].items(), key=lambda kv: -kv[1]))
+        console.print(f"float C ({len(info['float_ops'])} steps, --json lists them): {kinds}",
+                      highlight=False, markup=False, soft_wrap=True)
+    if info.get("board"):
+        sz = info.get("board_size")
+        if sz and "error" in sz:
+            console.print(f"{info['board']}: the board build failed here ({sz['error']})", highlight=False,
+                          markup=False, soft_wrap=True)
+        elif sz:
+            console.print(f"{info['board']}: flash {sz['flash_bytes']} bytes (model {sz['model_flash_bytes']}), RAM "
+                          f"{sz['ram_bytes']} bytes (model {sz['model_ram_bytes']}; the rest: newlib stdio, 16 KiB "
+                          f"heap, 16 KiB stack), from arm-none-eabi-size; run: make -C {info['dir']} qemu IN=in.bin "
+                          "OUT=out.bin", highlight=False, markup=False, soft_wrap=True)
+        else:
+            console.print(f"{info['board']}: no arm-none-eabi-gcc/qemu here, so no flash/RAM figures; build: "
+                          f"make -C {info['dir']}", highlight=False, markup=False, soft_wrap=True)
     return 0
 
 

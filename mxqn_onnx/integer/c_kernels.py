@@ -20,11 +20,13 @@ TYPE_CODE = {"int8_t": 0, "uint8_t": 1, "int16_t": 2, "uint16_t": 3, "int32_t": 
 RUNTIME = r"""
 /* ---------------------------------------------------------------- integer helpers */
 
-/* a * 2^-s rounded half to even, for s >= 1: arithmetic shift plus the rounding bit
+/* a * 2^-s rounded half to even, for s >= 0: arithmetic shift plus the rounding bit
  * (round up when the dropped bits exceed half, or equal half and the kept LSB is odd). */
 static inline int64_t mxqn_srne(int64_t a, int s)
 {
     int64_t q, rem, half;
+    if (s <= 0)
+        return a; /* per-channel shifts may be 0 for some channels */
     if (s > 62)
         return 0; /* |a| < 2^62 everywhere in this program */
     q = a >= 0 ? (a >> s) : ~((~a) >> s); /* floor(a / 2^s) */
@@ -48,6 +50,24 @@ static inline int32_t mxqn_fixq(int64_t v, int s, int32_t lo, int32_t hi)
         v = (int64_t)((uint64_t)v << -s);
     }
     return v < lo ? lo : (v > hi ? hi : (int32_t)v);
+}
+
+/* mxqn_fixq for a sum known to fit int32: the same codes in 32-bit arithmetic (cheaper on a
+ * 32-bit core); left shifts go through the 64-bit version */
+static inline int32_t mxqn_fixq32(int32_t v, int s, int32_t lo, int32_t hi)
+{
+    if (s > 0) {
+        int32_t q, rem, half;
+        if (s > 31)
+            return 0 < lo ? lo : (0 > hi ? hi : 0); /* |v| < 2^31: rounds to 0 */
+        q = v >= 0 ? (v >> s) : ~((~v) >> s);
+        rem = (int32_t)((uint32_t)v - ((uint32_t)q << s));
+        half = (int32_t)((uint32_t)1 << (s - 1));
+        v = q + ((rem > half || (rem == half && (q & 1))) ? 1 : 0);
+    } else if (s < 0) {
+        return mxqn_fixq((int64_t)v, s, lo, hi);
+    }
+    return v < lo ? lo : (v > hi ? hi : v);
 }
 
 /* log requantization of v (same fractional length as the thresholds): the code is
@@ -159,8 +179,24 @@ static inline int mxqn_taps(int avail, int k, int d)
 
 /* ---------------------------------------------------------------- float boundary */
 
-/* fixed-point quantization of a float: clip(rne(x * 2^f), lo, hi) (scale = 2^f, exact) */
-static inline int32_t mxqn_fixq_f(float x, double scale, int32_t lo, int32_t hi)
+/* fixed-point quantization of a float: clip(rne(x * 2^f), lo, hi) with scale = 2^f. In float32:
+ * x * 2^f is exact unless it is below 2^-126 (then any rounding gives 0) or overflows (then
+ * the clip gives the bound); clipping to the integer bounds before rounding gives the same
+ * codes; (v + 1.5 * 2^23) - 1.5 * 2^23 rounds half to even for |v| < 2^22. */
+static inline int32_t mxqn_fixq_f(float x, float scale, int32_t lo, int32_t hi)
+{
+    float v = x * scale;
+    if (v != v)
+        return 0;
+    if (v <= (float)lo)
+        return lo;
+    if (v >= (float)hi)
+        return hi;
+    v = (v + 12582912.0f) - 12582912.0f;
+    return (int32_t)v;
+}
+
+static inline int32_t mxqn_fixq_d(float x, double scale, int32_t lo, int32_t hi)
 {
     double v = rint((double)x * scale);
     if (v != v)
@@ -298,7 +334,9 @@ def requant_code(consts: Consts, src: Val, out: Val, p: dict, v: str, idx: str) 
 def quant_float_code(consts: Consts, out: Val, x: str) -> str:
     q = out.quant
     if q["kind"] == "fixed":
-        return f"({out.ctype})mxqn_fixq_f({x}, {hexf(q['frac'])}, {q['lo']}, {q['hi']})"
+        if not -126 <= q["frac"] <= 127:  # 2^frac is no float32: the double version
+            return f"({out.ctype})mxqn_fixq_d({x}, {hexf(q['frac'])}, {q['lo']}, {q['hi']})"
+        return f"({out.ctype})mxqn_fixq_f({x}, {hexf(q['frac'])}f, {q['lo']}, {q['hi']})"
     t = out.table
     mids = consts.array("float", t.mids, "mids", f"log thresholds of {q['node']} (float32 midpoints)")
     zero = repr(float(t.zero_below))

@@ -12,6 +12,7 @@ from typing import List
 
 import numpy as np
 
+from .c_fast import emit_fast_layer
 from .c_kernels import TYPE_CODE, Consts, c_string, comment, per_channel, ptr, requant_code
 from .c_ops import Step, Val
 
@@ -78,6 +79,10 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
     x: Val = s.ins[0]
     y: Val = s.outs[0]
     acc: Val = p["acc"]
+    if p.get("fast"):
+        col = dict(zip([n for n, _ in s.scratch], s.scratch_bufs))["col"].offset if "col" in dict(s.scratch) else 0
+        return emit_fast_layer(consts, s, fname, _epilogue(consts, s, records), col) + "\n" + \
+            "\n".join(_debug(s, records)) + "\n}\n"
     O, K = p["O"], p["K"]
     st = p["sum_type"]
     wname = _weights(consts, s)
@@ -130,7 +135,9 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
     def mul(wi: str, xe: str) -> str:
         return f"({st}){wi} * ({st}){xe}"
 
-    if "conv" in p:
+    if "convT" in p:
+        loops = _conv_transpose_loops(p, load_w, st, rd, epi, scratch["plane"].offset, decl)
+    elif "conv" in p:
         c = p["conv"]
         G = c["G"]
         CG, OG = c["C"] // G, O // G
@@ -174,6 +181,12 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
                  f"                sum += {mul('w[k]', rd('xr[k]'))};\n"
                  f"            oi = r * {O}L + o;\n"
                  f"{epi}\n        }}\n    }}")
+    return "\n".join(head + body + decl + pre + [loops] + _debug(s, records) + ["}"]) + "\n"
+
+
+def _debug(s: Step, records: list) -> List[str]:
+    """The debug build's reports after a layer: its exact sum, and its codes when it ends in a quantizer."""
+    acc, y = s.p["acc"], s.outs[0]
     records.append((acc.name, 1, "int64_t", acc.numel))
     dbg = [f"#ifdef MXQN_DEBUG\n    mxqn_debug_tensor({c_string(acc.name)}, 1, {TYPE_CODE['int64_t']}, "
            f"(void *)mxqn_dbg_acc, {acc.numel}L);"]
@@ -181,7 +194,50 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
         records.append((y.name, 0, y.ctype, y.numel))
         dbg.append(f"    mxqn_debug_tensor({c_string(y.name)}, 0, {TYPE_CODE[y.ctype]}, (void *)y, {y.numel}L);")
     dbg.append("#endif")
-    return "\n".join(head + body + decl + pre + [loops] + dbg + ["}"]) + "\n"
+    return dbg
+
+
+def _conv_transpose_loops(p, load_w, st, rd, epi, plane, decl) -> str:
+    """Weight-stationary scatter: each tap adds ``w * x`` of a whole input plane to the output
+    positions ``iy * SH + ky * DH - PT`` (exact integer sums: the order does not matter)."""
+    c = p["convT"]
+    O, G = p["O"], c["G"]
+    CG, OG = c["C"] // G, O // G
+    H, W, OH, OW = c["H"], c["W"], c["OH"], c["OW"]
+    decl.append("    int ci, ky, kx, iy, ix, oy, ox;")
+    decl.append("    long oi, q;")
+    return (f"    {st} *acc = ({st} *)(mxqn_arena + {plane});\n"
+            f"    for (o = 0; o < {O}; o++) {{\n{load_w}"
+            f"        for (q = 0; q < {OH * OW}L; q++) acc[q] = 0;\n"
+            f"        for (ci = 0; ci < {CG}; ci++)\n"
+            f"            for (ky = 0; ky < {c['KH']}; ky++)\n"
+            f"                for (kx = 0; kx < {c['KW']}; kx++) {{\n"
+            f"                    const {st} wv = ({st})w[(ci * {c['KH']} + ky) * {c['KW']} + kx];\n"
+            f"                    const long xc = ((long)(o / {OG}) * {CG} + ci) * {H * W}L;\n"
+            f"                    if (wv == 0) continue;\n"
+            f"                    for (iy = 0; iy < {H}; iy++) {{\n"
+            f"                        oy = iy * {c['SH']} + ky * {c['DH']} - {c['PT']};\n"
+            f"                        if (oy < 0 || oy >= {OH}) continue;\n"
+            f"                        for (ix = 0; ix < {W}; ix++) {{\n"
+            f"                            ox = ix * {c['SW']} + kx * {c['DW']} - {c['PL']};\n"
+            f"                            if (ox < 0 || ox >= {OW}) continue;\n"
+            f"                            acc[(long)oy * {OW} + ox] += wv * ({st}){rd('x[xc + (long)iy * ' + str(W) + ' + ix]')};\n"
+            f"                        }}\n                    }}\n                }}\n"
+            f"        for (q = 0; q < {OH * OW}L; q++) {{\n"
+            f"            const {st} sum = acc[q];\n"
+            f"            oi = (long)o * {OH * OW}L + q;\n"
+            f"{epi}\n        }}\n    }}")
+
+
+def layer_macs(s: Step) -> int:
+    """Multiply-accumulates of one run of the layer (weights times output positions)."""
+    p = s.p
+    c = p.get("conv") or p.get("convT")
+    if "conv" in p:
+        return p["O"] * p["K"] * c["OH"] * c["OW"]
+    if "convT" in p:  # each input pixel meets every weight once
+        return p["O"] * p["K"] * c["H"] * c["W"]
+    return p["O"] * p["K"] * p["rows"]
 
 
 def layer_weight_bytes(s: Step) -> int:

@@ -145,12 +145,14 @@ class BetweenOps:
         """A constant power-of-two factor per channel (the depthwise input shifts of
         :mod:`mxqn_onnx.lowbit.depthwise`) on integer values: exact, and free, as only the
         fractional lengths change (``x * 2^s`` has ``frac - s``)."""
+        if node.input[0] not in self.vals:
+            return self.float_binary(node)
         v = self.val(node.input[0], node)
         shape = self.shape(node.output[0])
-        factor = self.const.get(node.input[1]) if len(node.input) > 1 else None
+        factor = self.const.get(node.input[1]) if len(node.input) > 1 and node.input[1] not in self.vals else None
         shifts = _channel_pow2(factor, shape) if factor is not None and v.kind == "int" else None
         if shifts is None or shape != v.shape or not _channel_ok(v):
-            raise refuse(node, "Mul other than integer values by constant powers of two per channel")
+            return self.float_binary(node)  # anything else: a float32 multiply, as onnxruntime does
         nch = max(v.nch, shifts.size)
         frac = (np.broadcast_to(v.frac, (nch,)) - np.broadcast_to(shifts, (nch,))).astype(np.int64)
         inner = v.inner if nch == v.nch else int(np.prod(shape[2:]))
@@ -270,10 +272,12 @@ class BetweenOps:
         self._avg_pool(node, True)
 
     def op_Add(self, node):
+        if any(i not in self.vals for i in node.input[:2]):
+            return self.float_binary(node)  # a constant operand
         a, b = (self.val(i, node) for i in node.input[:2])
         shape = self.shape(node.output[0])
         if a.shape != shape or b.shape != shape:
-            raise refuse(node, "Add with broadcasting (only same-shape residual Adds)")
+            return self.float_binary(node)  # broadcasting
         if a.kind == "int" and b.kind == "int" and (a.nch == 1 or b.nch == 1 or a.inner == b.inner) \
                 and (a.nch == 1 or b.nch == 1 or a.nch == b.nch):
             nch = max(a.nch, b.nch)
@@ -288,9 +292,7 @@ class BetweenOps:
                           inner if nch > 1 else 1, bound)
                 self.add(Step("int_add", node.name, [a, b], [out], p=dict(sa=sa, sb=sb)))
                 return
-        a, b = self.as_float(a, node), self.as_float(b, node)
-        out = Val(node.output[0], shape, "float", "float")
-        self.add(Step("float_add", node.name, [a, b], [out]))
+        self.float_binary(node)
 
     def op_Sum(self, node):
         if len([i for i in node.input if i]) != 2:

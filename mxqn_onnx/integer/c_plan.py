@@ -29,6 +29,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import functions
+from .c_fast import fast_ok, fast_scratch
+from .c_float import FloatOps, sigmoid_reaches_only_outputs
 from .c_ops import BetweenOps, Buf, Step, Val, acc_ctype, code_ctype, refuse, CTYPE_BYTES, INT_LIMIT
 from ..errors import MxqnError
 from .executor import IntegerExecutor, _attrs
@@ -55,7 +57,7 @@ def executor_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-class Planner(BetweenOps):
+class Planner(BetweenOps, FloatOps):
     """Walks the graph once, in order, and builds the steps."""
 
     def __init__(self, model: onnx.ModelProto, input_shape: Optional[Tuple[int, ...]] = None):
@@ -75,6 +77,7 @@ class Planner(BetweenOps):
         self.vals: Dict[str, Val] = {}
         self.steps: List[Step] = []
         self.inits = {t.name: t for t in g.initializer}
+        self.sigmoids: list = []
 
     # ------------------------------------------------------------------ shapes and constants
     def _input_shape(self, given) -> Tuple[int, ...]:
@@ -140,6 +143,12 @@ class Planner(BetweenOps):
 
     def val(self, name: str, node: onnx.NodeProto) -> Val:
         v = self.vals.get(name)
+        if v is None and name in self.const:
+            src = self.ex.producer.get(name)
+            what = f"the output of Constant node '{src.name}'" if src is not None and src.op_type == "Constant" \
+                else "a constant"
+            raise refuse(node, f"input '{name}' is {what}; the C export takes constants only as operands "
+                               "of Add/Sub/Mul/Div, as Clip bounds and as shape, slice and resize parameters")
         if v is None:
             raise refuse(node, f"input '{name}' is neither the model input nor computed by an exported node")
         return v
@@ -181,6 +190,11 @@ class Planner(BetweenOps):
             if o.name not in self.vals:
                 raise MxqnError(f"graph output '{o.name}' is a constant; nothing to export")
             self.outputs.append(self.vals[o.name])
+        bad = sigmoid_reaches_only_outputs(self.steps, self.outputs, [])
+        if bad is not None:
+            node = next(n for n in self.sigmoids if n.name == bad)
+            raise refuse(node, "a Sigmoid whose result is computed further (onnxruntime's approximation "
+                               "is bit-exact only on FMA machines; exported only where it leaves the network)")
         return self
 
     # ------------------------------------------------------------------ quantizers
@@ -248,6 +262,13 @@ class Planner(BetweenOps):
             if w.ndim not in (3, 4):
                 raise refuse(node, f"{w.ndim - 2}-d convolution (1-d and 2-d only)")
             wm = w.reshape(w.shape[0], -1)
+        elif op == "ConvTranspose":
+            if w.ndim != 4:
+                raise refuse(node, f"{w.ndim - 2}-d ConvTranspose (2-d only)")
+            G = int(a.get("group", 1))
+            cg, og = w.shape[0] // G, w.shape[1]
+            # one row per output channel o = g * og + j: w[g * cg + ci, j, ky, kx] over (ci, ky, kx)
+            wm = np.concatenate([w[g * cg:(g + 1) * cg].transpose(1, 0, 2, 3).reshape(og, -1) for g in range(G)])
         elif op == "Gemm":
             wm = w if trans_b else w.T
         else:
@@ -256,7 +277,8 @@ class Planner(BetweenOps):
             wm = w.T
         wm = np.ascontiguousarray(wm)  # [O, K]: one row per output channel
         n_out, k_in = wm.shape
-        f_w = np.broadcast_to(L.w_frac.reshape(-1), (n_out,)).astype(np.int64)
+        f_w = L.w_frac.reshape(-1)
+        f_w = np.tile(f_w, n_out // f_w.size).astype(np.int64)  # ConvTranspose: per channel of a group
         lg_k = max(1, math.ceil(math.log2(max(k_in, 2))))
         p: Dict[str, Any] = {"w": wm, "O": n_out, "K": k_in, "wbits": L.w_bits}
         if x.kind == "int":
@@ -302,7 +324,16 @@ class Planner(BetweenOps):
                     for s, r, bb in zip(sum_bound, rs, bias if bias is not None else [0] * n_out))
         p.update(rs=rs, bias=bias, sum_type=acc_ctype(int(max(sum_bound))), f_acc=f_acc)
         out_shape = self.shape(node.output[0])
-        if op == "Conv":
+        if op == "ConvTranspose":
+            pads = list(a.get("pads", [0, 0, 0, 0]))
+            st, dl = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
+            if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or "output_shape" in a:
+                raise refuse(node, "ConvTranspose with auto_pad or output_shape (explicit pads only)")
+            p.update(convT=dict(C=x.shape[1], H=x.shape[2], W=x.shape[3], KH=w.shape[2], KW=w.shape[3], SH=st[0],
+                                SW=st[1], DH=dl[0], DW=dl[1], PT=pads[0], PL=pads[1], G=int(a.get("group", 1)),
+                                OH=out_shape[2], OW=out_shape[3]))
+            inner = int(out_shape[2] * out_shape[3])
+        elif op == "Conv":
             nd = w.ndim - 2
             if nd == 1:
                 x_sh = (x.shape[0], x.shape[1], 1, x.shape[2])
@@ -338,9 +369,14 @@ class Planner(BetweenOps):
             scratch.append(("xe", x.numel * 8))
         if p["container"] == "int4":
             scratch.append(("wrow", k_in))
-        if op == "Conv":
-            scratch.append(("plane", p["conv"]["OH"] * p["conv"]["OW"] * (4 if p["sum_type"] == "int32_t" else 8)))
-        self.add(Step("layer", node.name, [x], [out], p=p, scratch=scratch))
+        if op in ("Conv", "ConvTranspose"):
+            scratch.append(("plane", p.get("conv", p.get("convT"))["OH"] * p.get("conv", p.get("convT"))["OW"] * (4 if p["sum_type"] == "int32_t" else 8)))
+        step = Step("layer", node.name, [x], [out], p=p, scratch=scratch)
+        if fast_ok(step):  # the int16 dot-product kernel: two im2col columns instead of a sum plane
+            p["fast"] = True
+            step.scratch = [sc for sc in scratch if sc[0] != "plane"] + \
+                ([("col", fast_scratch(p))] if fast_scratch(p) else [])
+        self.add(step)
 
     def _container(self, node: onnx.NodeProto, L) -> str:
         data_i, w_i = (1, 0) if L.weight_first else (0, 1)

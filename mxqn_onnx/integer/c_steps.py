@@ -14,6 +14,7 @@ import numpy as np
 
 from .c_kernels import Consts, chan_loop, comment, debug_codes, load_int, loop_decls, per_channel, ptr, \
     quant_float_code, requant_code
+from .c_float import emit_float_binary, emit_float_unary, emit_gather
 from .c_ops import Step
 
 
@@ -45,6 +46,18 @@ def emit(consts: Consts, s: Step, name: str, records: list) -> str:
     return fn(consts, s, name, records)
 
 
+def _float_binary(consts, s, name, records):
+    return emit_float_binary(consts, s, name)
+
+
+def _float_unary(consts, s, name, records):
+    return emit_float_unary(consts, s, name)
+
+
+def _gather(consts, s, name, records):
+    return emit_gather(consts, s, name)
+
+
 def _quant_float(consts, s, name, records):
     x, y = s.ins[0], s.outs[0]
     body = [f"    const float *x = {ptr(x, True)};", f"    {y.ctype} *y = {ptr(y)};", "    long i;",
@@ -70,9 +83,22 @@ def _to_float(consts, s, name, records):
                  (f"        y[i] = x[i] == 0 ? 0.0f : (x[i] < 0 ? -{lv}[-x[i] - 1] : {lv}[x[i] - 1]);" if x.quant["signed"]
                   else f"        y[i] = x[i] == 0 ? 0.0f : {lv}[x[i] - 1];")]
     else:
-        f = per_channel(consts, -x.frac, "int32_t", "nfrac")
-        body += ["    " + loop_decls(x), "    " + chan_loop(x, f"y[i] = (float)ldexp((double)x[i], {f});")]
+        body += ["    " + loop_decls(x), "    " + chan_loop(x, f"y[i] = {int_to_float(consts, x, 'x[i]')};")]
     return _fn(name, s, body)
+
+
+def int_to_float(consts, x, e: str, idx: str = "c") -> str:
+    """C for the float32 of ``e * 2^-frac`` as the executor computes it: exact in float64, one
+    rounding to float32. Below 2^53 a single rounding of the integer to float32 (``(float)e``,
+    correctly rounded) times the exact power of two is the same number, without double
+    arithmetic (software on a Cortex-M4), as long as the scale and the products stay normal."""
+    f = np.asarray(x.frac).reshape(-1)
+    if x.bound < 2 ** 53 and f.max() <= 126 and f.min() >= -(127 - 64):
+        if len(set(f.tolist())) == 1:
+            return f"(float){e} * {float(np.float32(2.0 ** -int(f[0])))!r}f"
+        sc = consts.array("float", (2.0 ** -f.astype(np.float64)).astype(np.float32), "fscale")
+        return f"(float){e} * {sc}[{idx}]"
+    return f"(float)ldexp((double){e}, {per_channel(consts, -x.frac, 'int32_t', 'nfrac', idx)})"
 
 
 def _int_relu(consts, s, name, records):
@@ -187,14 +213,6 @@ def _int_add(consts, s, name, records):
             f"    {y.ctype} *y = {ptr(y)};", "    " + loop_decls(y),
             "    " + chan_loop(y, f"y[i] = ({y.ctype})mxqn_f32_sum((int64_t)((uint64_t){load_int(a, 'xa[i]')} << {sa})"
                                  f" + (int64_t)((uint64_t){load_int(b, 'xb[i]')} << {sb}));")]
-    return _fn(name, s, body)
-
-
-def _float_add(consts, s, name, records):
-    a, b = s.ins
-    y = s.outs[0]
-    body = [f"    const float *xa = {ptr(a, True)};", f"    const float *xb = {ptr(b, True)};",
-            f"    float *y = {ptr(y)};", "    long i;", f"    for (i = 0; i < {y.numel}L; i++) y[i] = xa[i] + xb[i];"]
     return _fn(name, s, body)
 
 

@@ -87,8 +87,6 @@ class IntegerExecutor:
             src = self.producer.get(node.input[data_i])
             if wq is None or src is None or src.domain != functions.DOMAIN:
                 continue  # a float layer: runs in onnxruntime
-            if node.op_type == "ConvTranspose":
-                raise MxqnError(f"{node.name}: ConvTranspose is not supported by the integer executor yet")
             codes, frac, nodes = wq
             bq = self._dequant_const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if len(node.input) > 2 and node.input[2] and bq is None and node.op_type != "Gemm":
@@ -354,6 +352,8 @@ def ex_out_channels(layer: QLayer) -> int:
     w = layer.w_codes
     if op == "Conv":
         return int(w.shape[0])
+    if op == "ConvTranspose":
+        return int(w.shape[1]) * int(next((a.i for a in layer.node.attribute if a.name == "group"), 1))
     if op == "Gemm":
         trans_b = any(a.name == "transB" and a.i for a in layer.node.attribute)
         return int(w.shape[0] if trans_b else w.shape[1])

@@ -227,6 +227,36 @@ def conv_int(x: np.ndarray, w: np.ndarray, attrs: dict) -> np.ndarray:
     return out
 
 
+def conv_transpose_int(x: np.ndarray, w: np.ndarray, attrs: dict, name: str = "ConvTranspose") -> np.ndarray:
+    """Integer 2-d transposed convolution (ONNX ConvTranspose, explicit pads), int64 sums.
+
+    Each input pixel scatters ``x * w[c, o, ky, kx]`` to output ``(iy * s + ky * d - pad_top,
+    ix * s + kx * d - pad_left)``; exact integer sums, so the order is free."""
+    if w.ndim != 4:
+        raise MxqnError(f"{name}: {w.ndim - 2}-d ConvTranspose (2-d only)")
+    auto = attrs.get("auto_pad", b"NOTSET")
+    if (auto.decode() if isinstance(auto, bytes) else auto) != "NOTSET" or "output_shape" in attrs:
+        raise MxqnError(f"{name}: ConvTranspose with auto_pad or output_shape (explicit pads only)")
+    s = list(attrs.get("strides", [1, 1]))
+    d = list(attrs.get("dilations", [1, 1]))
+    g = int(attrs.get("group", 1))
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    opad = list(attrs.get("output_padding", [0, 0]))
+    n, c, h, wd = x.shape
+    cg, og, kh, kw = c // g, w.shape[1], w.shape[2], w.shape[3]
+    full = [(h - 1) * s[0] + (kh - 1) * d[0] + 1 + opad[0], (wd - 1) * s[1] + (kw - 1) * d[1] + 1 + opad[1]]
+    y = np.zeros((n, og * g, full[0] + max(0, -pads[0]), full[1] + max(0, -pads[1])), np.int64)
+    for gi in range(g):
+        xg = x[:, gi * cg:(gi + 1) * cg]
+        for ky in range(kh):
+            for kx in range(kw):
+                contrib = np.einsum("nchw,co->nohw", xg, w[gi * cg:(gi + 1) * cg, :, ky, kx])
+                y[:, gi * og:(gi + 1) * og, ky * d[0]:ky * d[0] + (h - 1) * s[0] + 1:s[0],
+                  kx * d[1]:kx * d[1] + (wd - 1) * s[1] + 1:s[1]] += contrib
+    oh, ow = full[0] - pads[0] - pads[2], full[1] - pads[1] - pads[3]
+    return y[:, :, pads[0]:pads[0] + oh, pads[1]:pads[1] + ow]
+
+
 @dataclass
 class QLayer:
     """A quantized layer as found in the graph: its node and integer operands."""
@@ -253,7 +283,7 @@ def _out_channel_view(frac: np.ndarray, op: str, out_ndim: int, trans_b: bool) -
     flat = frac.reshape(-1)
     if flat.size == 1:
         return flat.reshape(())
-    if op == "Conv":
+    if op in ("Conv", "ConvTranspose"):
         return flat.reshape((1, -1) + (1,) * (out_ndim - 2))
     return flat.reshape((1,) * (out_ndim - 1) + (-1,))
 
@@ -265,10 +295,14 @@ def accumulate(layer: QLayer, x: Union[FixedT, LogT], attrs: dict) -> AccT:
     w = layer.w_codes
     trans_b = bool(attrs.get("transB", 0))
     f_w = layer.w_frac.reshape(()) if layer.w_frac.size == 1 else layer.w_frac.reshape(-1)
+    if op == "ConvTranspose" and f_w.ndim:  # per output channel of a group: the same in every group
+        f_w = np.tile(f_w, int(attrs.get("group", 1)) * w.shape[1] // f_w.size)
     if layer.weight_first and f_w.ndim:
         raise MxqnError(f"{node.name}: per-channel weight on the left of a MatMul is not supported")
     if op == "Conv":
         k_in = int(np.prod(w.shape[1:]))
+    elif op == "ConvTranspose":
+        k_in = int(w.shape[0] // int(attrs.get("group", 1)) * np.prod(w.shape[2:]))
     elif op == "Gemm":
         k_in = int(w.shape[1] if trans_b else w.shape[0])
     else:
@@ -293,6 +327,8 @@ def accumulate(layer: QLayer, x: Union[FixedT, LogT], attrs: dict) -> AccT:
         raise MxqnError(f"{node.name}: accumulator would need more than {ACC_BITS} bits")
     if op == "Conv":
         acc = conv_int(a, w, attrs)
+    elif op == "ConvTranspose":
+        acc = conv_transpose_int(a, w, attrs, node.name)
     elif op == "Gemm":
         A = a.T if attrs.get("transA", 0) else a
         B = w.T if trans_b else w

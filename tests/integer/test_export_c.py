@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -51,17 +52,17 @@ def digits(n: int, name: str = "digits_test.npz") -> np.ndarray:
     return np.load(MODELS / name)["input"][:n]
 
 
-def export_and_build(model, folder):
-    info = mxqn_onnx.export_c(model, folder)
+def export_and_build(model, folder, input_shape=None):
+    info = mxqn_onnx.export_c(model, folder, input_shape=input_shape)
     exe, dbg = folder.parent / (folder.name + "_run"), folder.parent / (folder.name + "_dbg")
     assert build_c(folder, exe) == ""  # warning-free under -Wall -Wextra
     assert build_c(folder, dbg, debug=True) == ""
     return info, exe, dbg
 
 
-def assert_code_for_code(model, x, folder):
+def assert_code_for_code(model, x, folder, input_shape=None):
     """Every quantizer's codes and every layer's accumulator equal the executor's, per sample."""
-    info, exe, dbg = export_and_build(model, folder)
+    info, exe, dbg = export_and_build(model, folder, input_shape)
     n = len(x)
     dump = folder.parent / (folder.name + ".dump")
     y, _ = run_c(exe, x, info["output_size"])
@@ -105,7 +106,7 @@ def test_digits_code_for_code_with_the_executor(tag, tmp_path):
         assert len({L["weight"]["bits"] for L in meta["layers"]}) > 1
         assert len({a["bits"] for a in meta["activations"]}) > 1
     if tag == "wide":
-        assert "static const int16_t w_" in src and "int16_t *y" in src
+        assert ("static const int16_t w_" in src or "static const int16_t w16_" in src) and "int16_t *y" in src
     assert info["arena_bytes"] > 0 and "static uint64_t mxqn_arena_words" in src and "malloc" not in src
 
 
@@ -287,7 +288,7 @@ def test_float_fallbacks_between_layers(tmp_path):
     model = convert("fallbacks")
     info, y, ref = assert_code_for_code(model, synth_data(24, 3), tmp_path / "fb")
     src = (tmp_path / "fb" / "model.c").read_text()
-    for op in ("float_clip", "float_maxpool", "float_add", "float_layer", "int_maxpool"):
+    for op in ("float_clip", "float_maxpool", "float_binary", "float_layer", "int_maxpool"):
         assert f"/* {op} '" in src, op
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)  # float layers at the end: float rounding
 
@@ -364,25 +365,71 @@ def test_refuses_models_that_are_not_mxqn(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_cli_export_c_replaces_only_earlier_exports(tmp_path):
+def test_cli_export_c_replaces_only_its_own_files(tmp_path):
     path = tmp_path / "q.onnx"
     onnx.save(convert("fixed"), path)
     out = tmp_path / "c"
     p = run_cli("export-c", path, out)
     assert p.returncode == 0, p.stderr
-    assert sorted(f.name for f in out.iterdir()) == ["main.c", "model.c", "model.h"]
+    assert sorted(f.name for f in out.iterdir()) == ["main.c", "model.c", "model.h", "mxqn-export.json"]
+    # a file the user adds to an earlier export survives a second export into the folder
+    (out / "notes.txt").write_text("keep")
+    (out / "model.c").write_text("stale")  # (not ours any more: changed since the export)
+    p = run_cli("export-c", path, out)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "model.c" in p.stderr
+    assert (out / "model.c").read_text() == "stale" and (out / "notes.txt").read_text() == "keep"
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]  # no temporary file left
+    (out / "model.c").unlink()
     p = run_cli("export-c", path, out, "--json")
-    assert p.returncode == 0 and json.loads(p.stdout)["arena_bytes"] > 0
+    assert p.returncode == 0 and json.loads(p.stdout)["arena_bytes"] > 0, p.stderr
+    assert (out / "notes.txt").read_text() == "keep"
+    assert sorted(f.name for f in out.iterdir()) == ["main.c", "model.c", "model.h", "mxqn-export.json", "notes.txt"]
+    # a folder of the user's own with a file named like one of the export's: refused, untouched
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "notes.txt").write_text("keep")
+    (mine / "main.c").write_text("int main(void) { return 0; }")
     p = run_cli("export-c", path, mine)
-    assert p.returncode == 2 and (mine / "notes.txt").read_text() == "keep"
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "main.c" in p.stderr
+    assert sorted(f.name for f in mine.iterdir()) == ["main.c"]
+    # ... and with unrelated files only: the export goes next to them
+    (mine / "main.c").rename(mine / "app.c")
+    p = run_cli("export-c", path, mine)
+    assert p.returncode == 0, p.stderr
+    assert (mine / "app.c").read_text().startswith("int main") and (mine / "model.c").is_file()
     x = digits(4)
     info = mxqn_onnx.export_c(path, out)
     build_c(out, tmp_path / "run")
     y, _ = run_c(tmp_path / "run", x, info["output_size"])
     assert y.shape == (4, 10) and np.isfinite(y).all()
+
+
+def test_export_into_an_earlier_export_keeps_a_planted_user_file(tmp_path):
+    """Issue #22: a second export into the folder of the first, where the user has put a file."""
+    out = tmp_path / "c"
+    mxqn_onnx.export_c(convert("fixed"), out)
+    (out / "README.txt").write_text("my notes")
+    first = (out / "model.c").read_text()
+    info = mxqn_onnx.export_c(convert("log"), out)
+    assert (out / "README.txt").read_text() == "my notes"
+    assert (out / "model.c").read_text() != first
+    assert sorted(Path(f).name for f in info["files"]) == ["main.c", "model.c", "model.h", "mxqn-export.json"]
+
+
+@pytest.mark.parametrize("shape", [["1,1,28,28"], ["1", "1", "28", "28"], ["1 1 28 28"]])
+def test_cli_input_shape_takes_commas_and_spaces(shape, tmp_path):
+    m = convert("fixed")
+    m = onnx.ModelProto.FromString(m.SerializeToString())
+    for d in m.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_param = "side"  # dynamic height and width: the shape must be given
+    path = tmp_path / "q.onnx"
+    onnx.save(m, path)
+    p = run_cli("export-c", path, tmp_path / "none")
+    assert p.returncode == 2 and "dynamic" in p.stderr and not (tmp_path / "none").exists()
+    p = run_cli("export-c", path, tmp_path / "c", "--input-shape", *shape, "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["input_shape"] == [1, 1, 28, 28]
+    p = run_cli("export-c", path, tmp_path / "bad", "--input-shape", "1,x,28,28")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--input-shape" in p.stderr
 
 
 def test_only_powers_of_two_per_channel_count_as_shifts():
