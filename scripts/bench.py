@@ -202,11 +202,17 @@ def nncf_row(cache: dict, path: str, name: str, tag: str, calib: np.ndarray, inp
 
 
 def evaluate(fp32, quant, x: np.ndarray, y: np.ndarray, input_name: str) -> dict:
-    """Top-1, output SQNR and top-1 agreement of ``quant`` against ``fp32`` on a test split."""
+    """Top-1, output SQNR and top-1 agreement of ``quant`` against ``fp32`` on a test split.
+
+    A QDQ model (onnxruntime's, NNCF's) runs as written, graph optimizations off: fused into
+    onnxruntime's int8 kernels it saturates on x86 without VNNI (see third_party.session)."""
     from mxqn_onnx.report.measure import compare
 
+    import third_party
+
+    sess = third_party.session(quant) if third_party.has_qdq(quant) else None
     batches = ({input_name: x[i:i + 128]} for i in range(0, len(x), 128))
-    c = compare(fp32, quant, batches, y)
+    c = compare(fp32, quant, batches, y, session=sess)
     return {"top1": c.top1_quant, "fp32_top1": c.top1_ref, "sqnr_db": c.output_sqnr_db,
             "agreement": c.agreement, "test_samples": c.samples}
 

@@ -85,3 +85,17 @@ def test_rounded_model_still_computes_the_network(qdq, digits_model, digits_test
     sqnr = lambda y: 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - y) ** 2))  # noqa: E731
     up = sqnr(run(peers.pow2_scales(model, "up")))
     assert up > 15.0 and np.isfinite(sqnr(run(model)))
+
+
+def test_qdq_models_run_as_written(qdq, digits_model):
+    """The benchmarks run peers' QDQ models with graph optimizations off (float arithmetic on
+    the dequantized values, what the method gives), other models as usual."""
+    import onnxruntime as ort
+
+    import third_party
+
+    model, _ = qdq
+    assert third_party.has_qdq(model) and not third_party.has_qdq(onnx.load(str(digits_model)))
+    off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert third_party.session(model).get_session_options().graph_optimization_level == off
+    assert third_party.session(onnx.load(str(digits_model))).get_session_options().graph_optimization_level != off
