@@ -12,7 +12,9 @@ Three parts, all measured in the same run (build the zoo first: ``scripts/train_
    its documented ONNX flow (opset 13, ``quant_pre_process``, ``nncf.quantize`` defaults: 8-bit
    per-channel weights, fast bias correction) on the same calibration samples, 8-bit only, and
    the same model with every quantizer scale rounded to a power of two (nearest, and up: no
-   new clipping), which is what the power-of-two constraint alone costs a method like NNCF's.
+   new clipping), which is what the power-of-two constraint alone costs a method like NNCF's;
+   ``nncf-minmax``: NNCF with its activation ranges from the overall minimum and maximum (its
+   default averages each batch's, which clips).
 2. **Conversion cost** on the ImageNet-sized ResNet-50 (224x224) with 16, 64 and 256
    calibration samples: wall time and peak RSS of MXQN's conversion (calibration, analysis,
    rewrite, save; the verification run on its own line), of ``quantize_static`` (MinMax) and of
@@ -74,7 +76,7 @@ ORT_CALIB = ("MinMax", "Entropy", "Percentile")
 ORT_METHODS = tuple(f"ort-{c.lower()}-{g}" for c in ORT_CALIB for g in ("tensor", "channel"))
 #: NNCF peers (scripts/peers.py; ``pip install .[bench]``): its documented flow with its
 #: defaults, and the same model with every scale rounded to the nearest power of two / up to one
-NNCF_METHODS = ("nncf", "nncf-pow2", "nncf-pow2up")
+NNCF_METHODS = ("nncf", "nncf-pow2", "nncf-pow2up", "nncf-minmax")
 BATCH = 16
 LATENCY_RUNS = {1: 20, 16: 3}
 
@@ -184,21 +186,25 @@ def nncf_row(cache: dict, path: str, name: str, tag: str, calib: np.ndarray, inp
 
     import peers
 
-    if tag not in cache:
+    ranges = "minmax" if method == "nncf-minmax" else None
+    key = (tag, ranges)
+    if key not in cache:
         try:
             wb, ab = parse_bits(tag)
             if (wb, ab) != (8, 8):
                 raise NotImplementedError("NNCF's ONNX backend quantizes weights and activations to 8 bits only")
             pre = peers.prepare(path, str(work / f"{name}_nncf_pre.onnx"))
             out = str(work / f"{name}_{tag}_nncf.onnx")
-            peers.run_nncf(pre, out, calib, input_name)
-            cache[tag] = onnx.load(out)
+            peers.run_nncf(pre, out, calib, input_name, activation_ranges=ranges)
+            cache[key] = onnx.load(out)
         except Exception as exc:  # noqa: BLE001 -- every NNCF row of this width shows it
-            cache[tag] = exc
-    q = cache[tag]
+            cache[key] = exc
+    q = cache[key]
     if isinstance(q, Exception):
         raise q
-    return q if method == "nncf" else peers.pow2_scales(q, "up" if method == "nncf-pow2up" else "nearest")
+    if method in ("nncf", "nncf-minmax"):
+        return q
+    return peers.pow2_scales(q, "up" if method == "nncf-pow2up" else "nearest")
 
 
 def evaluate(fp32, quant, x: np.ndarray, y: np.ndarray, input_name: str) -> dict:

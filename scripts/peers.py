@@ -42,9 +42,13 @@ def prepare(path: str, out: str, opset: int = 13) -> str:
 
 
 def run_nncf(pre_path: str, out_path: str, calib: np.ndarray, input_name: str, batch: int = 16,
-             fast_bias_correction: Optional[bool] = True, preset: Optional[str] = None) -> None:
+             fast_bias_correction: Optional[bool] = True, preset: Optional[str] = None,
+             activation_ranges: Optional[str] = None) -> None:
     """``nncf.quantize`` on every calibration sample (in batches of ``batch``); saved to ``out_path``.
-    ``fast_bias_correction=None``: no bias correction at all."""
+    ``fast_bias_correction=None``: no bias correction at all. ``activation_ranges="minmax"``:
+    activation ranges from the minimum and maximum over all batches (NNCF's default,
+    ``MEAN_MINMAX``, averages each batch's minimum and maximum: it clips, more so the smaller
+    the batches)."""
     import nncf
     import onnx
 
@@ -53,11 +57,17 @@ def run_nncf(pre_path: str, out_path: str, calib: np.ndarray, input_name: str, b
     b = fixed if fixed > 0 else batch
     batches = [calib[i:i + b] for i in range(0, len(calib) - (len(calib) % b if fixed > 0 else 0), b)]
     ds = nncf.Dataset(batches, lambda x: {input_name: x})
-    kw = {}
+    kw, adv = {}, {}
     if fast_bias_correction is None:
-        kw["advanced_parameters"] = nncf.AdvancedQuantizationParameters(disable_bias_correction=True)
+        adv["disable_bias_correction"] = True
     else:
         kw["fast_bias_correction"] = fast_bias_correction
+    if activation_ranges == "minmax":
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        adv["activations_range_estimator_params"] = RangeEstimatorParametersSet.MINMAX
+    if adv:
+        kw["advanced_parameters"] = nncf.AdvancedQuantizationParameters(**adv)
     if preset is not None:
         kw["preset"] = getattr(nncf.QuantizationPreset, preset.upper())
     q = nncf.quantize(model, ds, subset_size=len(batches), **kw)
