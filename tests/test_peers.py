@@ -99,3 +99,22 @@ def test_qdq_models_run_as_written(qdq, digits_model):
     off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert third_party.session(model).get_session_options().graph_optimization_level == off
     assert third_party.session(onnx.load(str(digits_model))).get_session_options().graph_optimization_level != off
+
+
+def test_nncf_flow_where_installed(tmp_path, digits_model, digits_calib, digits_test):
+    """NNCF's flow (a bench extra): a QDQ model of the digits network that runs as written close
+    to FP32, and its power-of-two version holds powers of two only."""
+    pytest.importorskip("nncf")
+    import third_party
+
+    name = onnx.load(str(digits_model)).graph.input[0].name
+    pre = peers.prepare(str(digits_model), str(tmp_path / "pre.onnx"))
+    peers.run_nncf(pre, str(tmp_path / "q.onnx"), np.load(digits_calib)["input"][:32], name)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert third_party.has_qdq(q)
+    x = np.load(digits_test)["input"][:64]
+    ref = third_party.session(onnx.load(str(digits_model))).run(None, {name: x})[0]
+    for m in (q, peers.pow2_scales(q, "up")):
+        y = third_party.session(m).run(None, {name: x})[0]
+        assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - y) ** 2)) > 15.0
+    assert all(peers.is_pow2(float(v)) for s in _scales(peers.pow2_scales(q)).values() for v in np.ravel(s))
