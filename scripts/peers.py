@@ -105,16 +105,19 @@ def pow2_scales(model, mode: str = "nearest"):
     qdq = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     if any(n.op_type == "Constant" and n.output[0] in {q.input[1] for q in qdq} for n in m.graph.node):
         raise ValueError("pow2_scales: scales given by Constant nodes are not handled")
+    # the values as NNCF left them: an initializer may serve several nodes (each changed once)
+    original = {name: numpy_helper.to_array(i) for name, i in inits.items()}
     done = set()
     for n in qdq:
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
         s_init = inits[n.input[1]]
-        s = numpy_helper.to_array(s_init)
+        s = original[n.input[1]]
         new = _pow2(s.astype(np.float64), mode).astype(s.dtype)
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits:  # integer weights: requantize
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[0] not in done:
+            done.add(n.input[0])  # integer weights: requantize
             q_init = inits[n.input[0]]
-            q = numpy_helper.to_array(q_init)
-            zp = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64) \
+            q = original[n.input[0]]
+            zp = original[n.input[2]].astype(np.float64) \
                 if len(n.input) > 2 and n.input[2] else np.zeros(1)
             shape = _axis_shape(s, q.ndim, axis)
             w = (q.astype(np.float64) - zp.reshape(shape if zp.ndim else [1])) * s.reshape(shape)

@@ -118,3 +118,29 @@ def test_nncf_flow_where_installed(tmp_path, digits_model, digits_calib, digits_
         y = third_party.session(m).run(None, {name: x})[0]
         assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - y) ** 2)) > 15.0
     assert all(peers.is_pow2(float(v)) for s in _scales(peers.pow2_scales(q)).values() for v in np.ravel(s))
+
+
+def test_weights_sharing_one_scale_are_each_requantized_from_the_original_scale():
+    """Two integer weights behind DequantizeLinear nodes that share one scale initializer (NNCF
+    shares equal constants): both keep their values up to the new step, not the first node's
+    rounded scale read back as the second one's old scale."""
+    from onnx import TensorProto, helper
+
+    s = np.float32(0.0123)
+    q1 = np.arange(-60, 60, dtype=np.int8).reshape(8, 15)
+    q2 = (q1[::-1] // 2).astype(np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["q1", "s"], ["w1"]),
+             helper.make_node("DequantizeLinear", ["q2", "s"], ["w2"]),
+             helper.make_node("Add", ["w1", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "shared", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 15])],
+                          [numpy_helper.from_array(q1, "q1"), numpy_helper.from_array(q2, "q2"),
+                           numpy_helper.from_array(np.array(s), "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    w = _weights(m)
+    for mode in ("up", "nearest"):
+        got = _weights(peers.pow2_scales(m, mode))
+        for k in ("w1", "w2"):
+            step = float(np.ravel(got[k][1])[0])
+            assert peers.is_pow2(step)
+            inside = np.abs(w[k][0]) <= 127 * step
+            assert np.all(np.abs(got[k][0] - w[k][0])[inside] <= step / 2 + 1e-9)
