@@ -85,8 +85,12 @@ CONFIGS: Dict[str, dict] = {
     "nncf-w8a8": {"nncf": True},
     "nncf-w8a8-pow2": {"nncf": True, "pow2": "nearest"},
     "nncf-w8a8-pow2up": {"nncf": True, "pow2": "up"},
+    # NNCF without its fast bias correction
+    "nncf-w8a8-nobc": {"nncf": True, "no_bc": True},
+    "nncf-w8a8-nobc-pow2up": {"nncf": True, "no_bc": True, "pow2": "up"},
 }
-PEER_CONFIGS = ["ort-w4a8-channel", "ort-w4a4-channel", "nncf-w8a8", "nncf-w8a8-pow2", "nncf-w8a8-pow2up"]
+PEER_CONFIGS = ["ort-w4a8-channel", "ort-w4a4-channel", "nncf-w8a8", "nncf-w8a8-pow2", "nncf-w8a8-pow2up",
+                "nncf-w8a8-nobc", "nncf-w8a8-nobc-pow2up"]
 DEFAULT_CONFIGS = ["w8a8-default", "w8a8-no-biascorr", "w8a8-paper", "w8a8-gptq", "w6a6-default", "w6a6-paper",
                    "w4a8-default", "w4a8-paper", "w4a4-default", "w4a4-paper", "w8a8-no-dwshift",
                    "w6a6-no-dwshift", "w4a8-no-dwshift", "w4a4-no-dwshift", "mixed-avg6", "mixed-avg4w",
@@ -108,11 +112,12 @@ def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Pat
     if cfg.get("nncf"):
         import peers
 
-        key = (name, id(calib))
+        key = (name, id(calib), bool(cfg.get("no_bc")))
         if key not in _NNCF:  # one NNCF run per model and calibration set; the pow2 rows reuse it
             pre, out = work / f"{name}_nncf_pre.onnx", work / f"{name}_nncf.onnx"
             peers.prepare(str(model_path), str(pre))
-            peers.run_nncf(str(pre), str(out), calib, INPUTS[name], batch=1)
+            peers.run_nncf(str(pre), str(out), calib, INPUTS[name], batch=1,
+                           fast_bias_correction=None if cfg.get("no_bc") else True)
             _NNCF[key] = (onnx.load(str(out)), time.perf_counter() - t0)
         q, secs = _NNCF[key]
         if cfg.get("pow2"):
