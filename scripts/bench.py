@@ -206,7 +206,7 @@ def nncf_row(cache: dict, path: str, name: str, tag: str, calib: np.ndarray, inp
         raise q
     if method in ("nncf", "nncf-minmax", "nncf-nobc"):
         return q
-    return peers.pow2_scales(q, "up" if method == "nncf-pow2up" else "nearest")
+    return peers.pow2_scales(q, "up" if method.endswith("pow2up") else "nearest")
 
 
 def evaluate(fp32, quant, x: np.ndarray, y: np.ndarray, input_name: str) -> dict:
