@@ -122,7 +122,9 @@ def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Pat
         q, secs = _NNCF[key]
         if cfg.get("pow2"):
             q = peers.pow2_scales(q, cfg["pow2"])
-        return q, secs, {"flow": peers.NNCF_FLOW}
+        flow = peers.NNCF_FLOW.replace("fast bias correction", "no bias correction") if cfg.get("no_bc") \
+            else peers.NNCF_FLOW
+        return q, secs, {"flow": flow + ", batch 1"}
     if cfg.get("ort"):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
