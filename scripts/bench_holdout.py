@@ -210,6 +210,9 @@ def run(args):
                        "held_units": {k: [v[0].tolist(), v[1].tolist()] for k, v in held.items()},
                        "names": names, "seconds": time.perf_counter() - t0}
                 rows.append(row)
+                if args.out:  # after every conversion: a long run can be read before it ends
+                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                    json.dump({"rows": rows}, open(args.out, "w"))
                 print(f"{model_key} {bits} draw {draw}: kept {ho['kept']}; held-back "
                       + ", ".join(f"{k} {v:.2f}" for k, v in ho["sqnr_db"].items())
                       + "; test " + ", ".join(f"{k} {v:.2f}" for k, v in test_db.items()), flush=True)
