@@ -361,8 +361,9 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     used_bc = any(d.bias_correction for d in default.layers)
     used_rounding = any(d.weight.rounding != "nearest" for d in default.layers)
     unshifted = prepared.unshifted
+    # shifts asked for ("on") are no data-derived default: the plain candidate keeps them
     plain = dataclasses.replace(config, bias_correction=False, rounding="nearest", act_objective="tensor",
-                                depthwise_shift="off")
+                                depthwise_shift="off" if unshifted is not None else config.depthwise_shift)
     variants: List[Tuple[str, Optional[QuantConfig], gs.Graph]] = [("default", None, graph)]
     if used_bc:
         variants.append(("no bias correction", dataclasses.replace(config, bias_correction=False), graph))

@@ -8,7 +8,14 @@ Three parts, all measured in the same run (build the zoo first: ``scripts/train_
    Percentile; per tensor and per channel) at W8A8, W6A6, W5A5, W4A8 and W4A4. onnxruntime
    quantizes the same layers as MXQN (Conv, Gemm, MatMul), from the model after its own
    recommended ``quant_pre_process``; it has 4-, 8- and 16-bit types only, and where a
-   configuration fails the table shows the error.
+   configuration fails the table shows the error. NNCF (``pip install .[bench]``) as a peer:
+   its documented ONNX flow (opset 13, ``quant_pre_process``, ``nncf.quantize`` defaults: 8-bit
+   per-channel weights, fast bias correction) on the same calibration samples, 8-bit only, and
+   the same model with every quantizer scale rounded to a power of two (nearest, and up: no
+   new clipping), which is what the power-of-two constraint alone costs a method like NNCF's;
+   ``nncf-minmax``: NNCF with its activation ranges from the overall minimum and maximum (its
+   default averages each batch's, which clips); ``nncf-nobc``: NNCF without its bias correction
+   (``-pow2up``: that model with its scales rounded up to powers of two).
 2. **Conversion cost** on the ImageNet-sized ResNet-50 (224x224) with 16, 64 and 256
    calibration samples: wall time and peak RSS of MXQN's conversion (calibration, analysis,
    rewrite, save; the verification run on its own line), of ``quantize_static`` (MinMax) and of
@@ -68,6 +75,9 @@ MXQN_METHODS = {
 TECHNIQUES = [k for k in MXQN_METHODS if k.startswith("mxqn-paper+")]
 ORT_CALIB = ("MinMax", "Entropy", "Percentile")
 ORT_METHODS = tuple(f"ort-{c.lower()}-{g}" for c in ORT_CALIB for g in ("tensor", "channel"))
+#: NNCF peers (scripts/peers.py; ``pip install .[bench]``): its documented flow with its
+#: defaults, and the same model with every scale rounded to the nearest power of two / up to one
+NNCF_METHODS = ("nncf", "nncf-pow2", "nncf-pow2up", "nncf-minmax", "nncf-nobc", "nncf-nobc-pow2up")
 BATCH = 16
 LATENCY_RUNS = {1: 20, 16: 3}
 
@@ -169,12 +179,48 @@ def run_ort(pre_path: str, out_path: str, calib: np.ndarray, input_name: str, wb
                     weight_type=wt, activation_type=at, calibrate_method=getattr(CalibrationMethod, method))
 
 
+def nncf_row(cache: dict, path: str, name: str, tag: str, calib: np.ndarray, input_name: str, work: Path,
+             method: str):
+    """The model of an NNCF row: NNCF's own (made once per model and width, from opset 13 after
+    ``quant_pre_process``), or it with its scales rounded to powers of two."""
+    import onnx
+
+    import peers
+
+    ranges = "minmax" if method == "nncf-minmax" else None
+    fbc = None if method.startswith("nncf-nobc") else True
+    key = (tag, ranges, fbc)
+    if key not in cache:
+        try:
+            wb, ab = parse_bits(tag)
+            if (wb, ab) != (8, 8):
+                raise NotImplementedError("NNCF's ONNX backend quantizes weights and activations to 8 bits only")
+            pre = peers.prepare(path, str(work / f"{name}_nncf_pre.onnx"))
+            out = str(work / f"{name}_{tag}_nncf.onnx")
+            peers.run_nncf(pre, out, calib, input_name, activation_ranges=ranges, fast_bias_correction=fbc)
+            cache[key] = onnx.load(out)
+        except Exception as exc:  # noqa: BLE001 -- every NNCF row of this width shows it
+            cache[key] = exc
+    q = cache[key]
+    if isinstance(q, Exception):
+        raise q
+    if method in ("nncf", "nncf-minmax", "nncf-nobc"):
+        return q
+    return peers.pow2_scales(q, "up" if method.endswith("pow2up") else "nearest")
+
+
 def evaluate(fp32, quant, x: np.ndarray, y: np.ndarray, input_name: str) -> dict:
-    """Top-1, output SQNR and top-1 agreement of ``quant`` against ``fp32`` on a test split."""
+    """Top-1, output SQNR and top-1 agreement of ``quant`` against ``fp32`` on a test split.
+
+    A QDQ model (onnxruntime's, NNCF's) runs as written, graph optimizations off: fused into
+    onnxruntime's int8 kernels it saturates on x86 without VNNI (see third_party.session)."""
     from mxqn_onnx.report.measure import compare
 
+    import third_party
+
+    sess = third_party.session(quant) if third_party.has_qdq(quant) else None
     batches = ({input_name: x[i:i + 128]} for i in range(0, len(x), 128))
-    c = compare(fp32, quant, batches, y)
+    c = compare(fp32, quant, batches, y, session=sess)
     return {"top1": c.top1_quant, "fp32_top1": c.top1_ref, "sqnr_db": c.output_sqnr_db,
             "agreement": c.agreement, "test_samples": c.samples}
 
@@ -209,6 +255,7 @@ def accuracy_part(zoo: Path, names: Sequence[str], bits: Sequence[str], methods:
                 quant_pre_process(path, pre)
             except Exception as exc:  # noqa: BLE001 -- reported in the table
                 pre_error = "quant_pre_process: " + short_error(exc)
+        nncf_models: Dict[str, object] = {}  # per bits: NNCF's model (or its error), made once
         for tag in bits:
             wb, ab = parse_bits(tag)
             for method in methods:
@@ -225,6 +272,8 @@ def accuracy_part(zoo: Path, names: Sequence[str], bits: Sequence[str], methods:
                         q = res.model
                         n_log = sum(a.kind == "log" for a in res.activations.values())
                         row["log_activations"] = f"{n_log}/{len(res.activations)}"
+                    elif method in NNCF_METHODS:
+                        q = nncf_row(nncf_models, path, name, tag, calib, in_name, work, method)
                     else:
                         if pre_error:
                             raise RuntimeError(pre_error)
@@ -521,7 +570,8 @@ def summary_table(acc: List[dict]) -> List[List[str]]:
     """One row per (model, bits): FP32, each MXQN mode and onnxruntime's best configuration."""
     modes = ("mxqn-auto", "mxqn-fixed", "mxqn-log")
     ran = {r["method"] for r in acc if r["method"].startswith("ort-")}
-    t = [["model", "bits", "FP32 top-1", "MXQN auto", "MXQN fixed", "MXQN log", f"onnxruntime best (of {len(ran)})"]]
+    t = [["model", "bits", "FP32 top-1", "MXQN auto", "MXQN fixed", "MXQN log", f"onnxruntime best (of {len(ran)})",
+          "NNCF", "NNCF, pow2 scales (nearest / up)"]]
     short = lambda r: "n/a" if r is None else ("error" if "error" in r else  # noqa: E731
                                                 f"{r['top1'] * 100:.1f}% / {_db(r['sqnr_db'])}")
     for m in dict.fromkeys(r["model"] for r in acc):
@@ -537,8 +587,12 @@ def summary_table(acc: List[dict]) -> List[List[str]]:
                                         else "model does not load" if "load" in orts[0]["error"] else "error")
             else:
                 ort_cell = "not run"
+            nn = [_get(acc, m, bits, k) for k in NNCF_METHODS]
+            nn_cells = ["not run" if r is None else ("n/a: 8-bit only" if "error" in r and "8 bits only" in r["error"]
+                                                     else short(r)) for r in nn]
             t.append([m, bits, f"{fp['top1'] * 100:.1f}%" if fp else "",
-                      *(short(_get(acc, m, bits, k)) for k in modes), ort_cell])
+                      *(short(_get(acc, m, bits, k)) for k in modes), ort_cell, nn_cells[0],
+                      f"{nn_cells[1]} / {nn_cells[2]}"])
     return t
 
 
@@ -673,7 +727,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench_out"), help="output folder (default bench_out)")
     ap.add_argument("--models", default=None, help="comma-separated zoo model names (default: all)")
     ap.add_argument("--bits", default=",".join(BITS), help="bit configurations (default: all five)")
-    ap.add_argument("--methods", default=",".join(list(MXQN_METHODS) + list(ORT_METHODS)),
+    ap.add_argument("--methods", default=",".join(list(MXQN_METHODS) + list(ORT_METHODS) + list(NNCF_METHODS)),
                     help="methods (default: all)")
     ap.add_argument("--calib-count", type=int, default=256, help="calibration samples for accuracy runs")
     ap.add_argument("--test-count", type=int, default=None, help="test samples (default: the whole split)")

@@ -10,7 +10,9 @@
 Configurations: MXQN defaults, without bias correction, the paper's plain method (the
 ``mxqn-paper`` row of scripts/bench.py: no bias correction, round to nearest), data-aware
 rounding, at W8A8 / W6A6 / W4A8, and onnxruntime ``quantize_static`` (QDQ, MinMax, after
-``quant_pre_process``; per tensor as its defaults, and per channel) at W8A8. Every conversion
+``quant_pre_process``; per tensor as its defaults, and per channel) at W8A8 (and per channel at W4A8 / W4A4), and NNCF (``nncf-w8a8``: opset 13 +
+``quant_pre_process``, ``nncf.quantize`` defaults; ``-pow2`` / ``-pow2up``: its scales rounded to
+the nearest power of two / up to one, what the power-of-two constraint alone costs it). Every conversion
 is timed (API call with verification on, as the held-back check of the defaults needs it).
 
 Data: ``scripts/third_party.py`` (rendered pages; nothing downloaded). Needs
@@ -75,15 +77,31 @@ CONFIGS: Dict[str, dict] = {
     "mixed-avg4w": {"avg_wbits": 4, "avg_abits": 8},
     "ort-w8a8-tensor": {"ort": True, "per_channel": False},
     "ort-w8a8-channel": {"ort": True, "per_channel": True},
+    # onnxruntime at 4 bits (QInt4 weights, QUInt4 activations), its best granularity at W8A8
+    "ort-w4a8-channel": {"ort": True, "per_channel": True, "wbits": 4, "abits": 8},
+    "ort-w4a4-channel": {"ort": True, "per_channel": True, "wbits": 4, "abits": 4},
+    # NNCF (scripts/peers.py, pip install .[bench]): its documented flow, W8A8 only; then the same
+    # model with every scale rounded to the nearest power of two, and up to one
+    "nncf-w8a8": {"nncf": True},
+    "nncf-w8a8-pow2": {"nncf": True, "pow2": "nearest"},
+    "nncf-w8a8-pow2up": {"nncf": True, "pow2": "up"},
+    # NNCF without its fast bias correction
+    "nncf-w8a8-nobc": {"nncf": True, "no_bc": True},
+    "nncf-w8a8-nobc-pow2up": {"nncf": True, "no_bc": True, "pow2": "up"},
 }
+PEER_CONFIGS = ["ort-w4a8-channel", "ort-w4a4-channel", "nncf-w8a8", "nncf-w8a8-pow2", "nncf-w8a8-pow2up",
+                "nncf-w8a8-nobc", "nncf-w8a8-nobc-pow2up"]
 DEFAULT_CONFIGS = ["w8a8-default", "w8a8-no-biascorr", "w8a8-paper", "w8a8-gptq", "w6a6-default", "w6a6-paper",
                    "w4a8-default", "w4a8-paper", "w4a4-default", "w4a4-paper", "w8a8-no-dwshift",
                    "w6a6-no-dwshift", "w4a8-no-dwshift", "w4a4-no-dwshift", "mixed-avg6", "mixed-avg4w",
-                   "ort-w8a8-tensor", "ort-w8a8-channel"]
+                   "ort-w8a8-tensor", "ort-w8a8-channel", *PEER_CONFIGS]
 #: ``--configs ceiling``: each target's width with one side at a time left at 16 bits
 CEILING = ["w8a8-default", "w8a16-default", "w8a16-gptq", "w16a8-default", "w6a6-default", "w6a16-default", "w16a6-default",
            "w4a8-default", "w4a16-default", "w16a16-default"]
 INPUTS = {"orientation": tp.ORIENTATION_INPUT, "layout": tp.LAYOUT_INPUT}
+
+
+_NNCF: dict = {}
 
 
 def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Path):
@@ -91,6 +109,22 @@ def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Pat
     import onnx
 
     t0 = time.perf_counter()
+    if cfg.get("nncf"):
+        import peers
+
+        key = (name, id(calib), bool(cfg.get("no_bc")))
+        if key not in _NNCF:  # one NNCF run per model and calibration set; the pow2 rows reuse it
+            pre, out = work / f"{name}_nncf_pre.onnx", work / f"{name}_nncf.onnx"
+            peers.prepare(str(model_path), str(pre))
+            peers.run_nncf(str(pre), str(out), calib, INPUTS[name], batch=1,
+                           fast_bias_correction=None if cfg.get("no_bc") else True)
+            _NNCF[key] = (onnx.load(str(out)), time.perf_counter() - t0)
+        q, secs = _NNCF[key]
+        if cfg.get("pow2"):
+            q = peers.pow2_scales(q, cfg["pow2"])
+        flow = peers.NNCF_FLOW.replace("fast bias correction", "no bias correction") if cfg.get("no_bc") \
+            else peers.NNCF_FLOW
+        return q, secs, {"flow": flow + ", batch 1"}
     if cfg.get("ort"):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -99,7 +133,8 @@ def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Pat
         quant_pre_process(str(model_path), str(pre))
         quantize_static(str(pre), str(out), NpzReader(INPUTS[name], calib, batch=1), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["Conv", "Gemm", "MatMul"], per_channel=cfg["per_channel"],
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt4 if cfg.get("wbits") == 4 else QuantType.QInt8,
+                        activation_type=QuantType.QUInt4 if cfg.get("abits") == 4 else QuantType.QUInt8,
                         calibrate_method=CalibrationMethod.MinMax)
         q = onnx.load(str(out))
         return q, time.perf_counter() - t0, {}
@@ -227,7 +262,8 @@ def targets(rows: List[dict]) -> str:
 
     for model in sorted({m for m, _ in got}):
         fp32 = got.get((model, "fp32"))
-        ort_rows = [r for (m, c), r in got.items() if m == model and c.startswith("ort-")]
+        ort_rows = [r for (m, c), r in got.items() if m == model and c.startswith("ort-w8a8")]
+        nncf = got.get((model, "nncf-w8a8"))
         ort_best = max((metric(r) for r in ort_rows), default=None)
         n = (fp32 or {}).get("eval_inputs", 64)
         noise = 100.0 / n if model == "orientation" else 0.01
@@ -243,6 +279,11 @@ def targets(rows: List[dict]) -> str:
             if ort_best is not None and width == "w8a8":  # onnxruntime runs W8A8 only
                 lines.append(f"| {model} | {width} default >= onnxruntime best W8A8 ({ort_best:.2f}) | "
                              f"{metric(r):.2f} | {'PASS' if metric(r) >= ort_best else 'MISS'} |")
+            if nncf is not None and width == "w8a8":
+                ok = metric(r) >= metric(nncf) - noise
+                lines.append(f"| {model} | {width} default >= NNCF W8A8 ({metric(nncf):.2f}) - noise | "
+                             f"{metric(r):.2f} ({r['sqnr_db']:.1f} dB vs {nncf['sqnr_db']:.1f}) | "
+                             f"{'PASS' if ok else 'MISS'} |")
         for (m, c), r in sorted(got.items()):
             paper = got.get((m, c.replace("-default", "-paper")))
             if m == model and c.endswith("-default") and paper is not None:
