@@ -139,13 +139,20 @@ def convert_all(case: Case, work: Path, with_auto: bool = False) -> Dict[str, Pa
     onnx.save(m, str(work / "opset13.onnx"))
     pre = work / "pre.onnx"
     quant_pre_process(str(work / "opset13.onnx"), str(pre))
-    run_ort(str(pre), str(work / "ort.onnx"), case.calib, case.input_name, 8, 8, "MinMax", per_channel=True)
-    files["ort"] = work / "ort.onnx"
-    import nncf
+    try:  # batch 1: some models (layout) have a fixed batch dimension
+        run_ort(str(pre), str(work / "ort.onnx"), case.calib, case.input_name, 8, 8, "MinMax",
+                per_channel=True, batch=1)
+        files["ort"] = work / "ort.onnx"
+    except Exception as exc:  # noqa: BLE001 -- reported, the other files still run
+        print(f"  quantize_static failed: {str(exc).splitlines()[0]}", flush=True)
+    try:
+        import nncf
 
-    ds = nncf.Dataset([case.calib[i:i + 1] for i in range(len(case.calib))], lambda a: {case.input_name: a})
-    onnx.save(nncf.quantize(onnx.load(str(pre)), ds, subset_size=len(case.calib)), str(work / "nncf.onnx"))
-    files["nncf"] = work / "nncf.onnx"
+        ds = nncf.Dataset([case.calib[i:i + 1] for i in range(len(case.calib))], lambda a: {case.input_name: a})
+        onnx.save(nncf.quantize(onnx.load(str(pre)), ds, subset_size=len(case.calib)), str(work / "nncf.onnx"))
+        files["nncf"] = work / "nncf.onnx"
+    except Exception as exc:  # noqa: BLE001
+        print(f"  NNCF failed: {str(exc).splitlines()[0]}", flush=True)
     return files
 
 
@@ -227,7 +234,7 @@ def targets(rows: List[dict]) -> List[dict]:
             nncf = by.get((model, "nncf", rt))
             if ours is None or nncf is None:
                 continue
-            fastest = min(p["median_ms"] for p in peers if p is not None)
+            fastest = min(p["median_ms"] for p in peers if p is not None)  # nncf is one
             out += [{"model": model, "runtime": rt, "target": "latency <= 1.1x faster peer",
                      "value": f"{ours['median_ms'] / fastest:.2f}x", "ok": ours["median_ms"] <= 1.1 * fastest},
                     {"model": model, "runtime": rt, "target": "int8 layers >= NNCF's",
