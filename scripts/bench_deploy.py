@@ -99,7 +99,7 @@ def load_case(name: str, quick: bool, zoo: Path) -> Case:
 
         path = ecn.DEFAULT_OUT / "resnet50_b1.onnx"
         if not path.exists():
-            ecn.export_resnet50(ecn.DEFAULT_OUT)
+            ecn.build(ecn.DEFAULT_OUT, only=("resnet50",))
         crops = ecn.photo_crops((8 if quick else 32) + (4 if quick else 16), 224, 224, seed=1)
         k = 8 if quick else 32
         return Case(name, path, onnx.load(str(path)).graph.input[0].name, crops[:k], crops[k:])
