@@ -114,6 +114,9 @@ def _add_convert(sub) -> None:
                         "(full 8-bit codes, uint8 with zero point 128 where int8 could saturate: exact "
                         "everywhere, onnxruntime only) or int8 (signed, zero point 0: for TensorRT; "
                         "exact in onnxruntime only with VNNI or on Arm)")
+    o.add_argument("--qdq-layer-outputs", action="store_true",
+                   help="--format qdq: also quantize layer outputs no quantizer follows (a conv before "
+                        "HardSwish or a residual Add) so that onnxruntime fuses those layers too")
     o.add_argument("--opset", type=int, default=None, metavar="N",
                    help="raise the output's opset to N (21+ stores <=4-bit weights as packed int4 "
                         "and allows 16-bit QDQ)")
@@ -320,6 +323,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         equalize=args.equalize, data_samples=args.data_samples, holdout=not args.no_holdout,
         depthwise_shift=args.depthwise_shift,
         format=args.format, opset=args.opset, qdq_encoding=args.qdq_encoding,
+        qdq_layer_outputs=args.qdq_layer_outputs,
         target_sqnr_db=args.target_sqnr, avg_wbits=args.avg_wbits, avg_abits=args.avg_abits,
         max_size_mb=args.max_size, max_accuracy_drop=args.max_accuracy_drop, bits_set=args.bits_set,
         sensitivity=args.sensitivity, refine_steps=args.refine,

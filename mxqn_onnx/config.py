@@ -102,6 +102,10 @@ class QuantConfig:
             point 128 where int8 could saturate: exact on every CPU, but OpenVINO runs those
             layers in float) or ``int8`` (signed, zero point 0 everywhere: what TensorRT
             accepts; exact in onnxruntime only with VNNI or on Arm).
+        qdq_layer_outputs: under ``qdq``, also quantize (fixed point, by SQNR) each layer output
+            that no quantizer follows yet (a conv feeding HardSwish, a residual Add), so that
+            onnxruntime fuses the layer into an integer kernel; more quantization noise, and
+            OpenVINO runs those layers in int8 without it.
 
     Mixed precision (any of these turns it on; see :mod:`mxqn_onnx.mixed.search`):
         target_sqnr_db: output SQNR to reach with the fewest bits (weights + activations).
@@ -149,6 +153,7 @@ class QuantConfig:
     format: str = "mxqn"
     opset: Optional[int] = None
     qdq_encoding: str = "safe"
+    qdq_layer_outputs: bool = False
     target_sqnr_db: Optional[float] = None
     avg_wbits: Optional[float] = None
     avg_abits: Optional[float] = None
@@ -188,6 +193,8 @@ class QuantConfig:
         if self.data_samples == 0 and (self.rounding == "gptq" or self.act_objective == "output"):
             what = "rounding gptq" if self.rounding == "gptq" else "act_objective output"
             raise MxqnError(f"{what} needs kept calibration samples; data_samples must be at least 1")
+        if not isinstance(self.qdq_layer_outputs, bool):
+            raise MxqnError(f"qdq_layer_outputs must be True or False, got {self.qdq_layer_outputs!r}")
         if not isinstance(self.holdout, bool):
             raise MxqnError(f"holdout must be True or False, got {self.holdout!r}")
         if isinstance(self.depthwise_shift, bool):

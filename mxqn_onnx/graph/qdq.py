@@ -191,3 +191,35 @@ def add_producer_quantizers(graph: gs.Graph, qdq_acts: Dict[str, ActDecision], f
                     node.inputs[i] = dq
         done.append(producer.name)
     return done
+
+
+def quantize_layer_outputs(graph: gs.Graph, acts: Dict[str, ActDecision], fusable: Set[str], opset: int,
+                           retype: Dict[str, Container], encoding: str = "safe") -> List[str]:
+    """A QDQ pair on the output of each fusable layer that no quantizer follows yet.
+
+    ``acts`` holds the output quantizers chosen for it (``QuantConfig.qdq_layer_outputs``);
+    graph outputs and outputs already followed by a QuantizeLinear (directly or through a
+    Relu) are left alone. Returns the names of the layers given a pair.
+    """
+    outputs = {t.name for t in graph.outputs}
+    done = []
+
+    def quantized(t: gs.Variable) -> bool:
+        return bool(t.outputs) and all(r.op == "QuantizeLinear" for r in t.outputs)
+
+    for node in [n for n in graph.nodes if n.name in fusable]:
+        y = node.outputs[0]
+        dec = acts.get(y.name)
+        if dec is None or dec.kind != "fixed" or y.name in outputs or not y.outputs or needs_clip(dec, opset):
+            continue
+        if any(r.op == "QuantizeLinear" for r in y.outputs) or \
+                all(r.op == "Relu" and quantized(r.outputs[0]) for r in y.outputs):
+            continue
+        readers = list(y.outputs)
+        dq = quantize_activation(graph, y, dec, opset, retype, suffix="out_qdq", encoding=encoding)
+        for r in readers:
+            for i, inp in enumerate(r.inputs):
+                if inp is y:
+                    r.inputs[i] = dq
+        done.append(node.name)
+    return done

@@ -213,3 +213,33 @@ def test_cli_qdq_encoding(tmp_path, digits_model, digits_calib):
     assert types == {onnx.TensorProto.INT8}
     p = run_cli("convert", digits_model, out, "--calib", digits_calib, "--qdq-encoding", "u4")
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_layer_output_quantizers_let_onnxruntime_fuse_convs_before_hardswish_and_add(tmp_path):
+    from graph_helpers import NETS, digits
+
+    model = str(NETS / "mobile_torchscript_op17.onnx")  # convs feeding HardSwish, Clip and Add
+    x = digits(2)[:48]
+    calib = {"image": x}
+
+    def fused(m):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return sum(n.op_type in ("QLinearConv", "QGemm", "QLinearMatMul")
+                   for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+
+    plain = mxqn_onnx.quantize(model, calib, format="qdq", verify=False)
+    outs = mxqn_onnx.quantize(model, calib, format="qdq", verify=False, qdq_layer_outputs=True)
+    n_plain, n_outs = fused(plain.model), fused(outs.model)
+    assert n_outs > n_plain and n_outs >= len(outs.layers) - 1  # every layer but the output one
+    # the new quantizers are fixed point, chosen like the others, and written only where needed
+    extra = set(outs.activations) - set(plain.activations)
+    assert extra and all(outs.activations[t].kind == "fixed" for t in extra)
+    # still exact in onnxruntime: fused equals the unfused graph of the same file
+    s = ort.InferenceSession(outs.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = NONE
+    u = ort.InferenceSession(outs.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {s.get_inputs()[0].name: x}
+    assert Q.sqnr_of(u.run(None, feed)[0], s.run(None, feed)[0]) > 60.0
