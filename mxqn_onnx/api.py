@@ -310,6 +310,8 @@ def _calibrate(prepared: _Prepared, layers: List[Layer], source: DataSource, sou
     # with depthwise shifts on trial, the unshifted tensors too (read by the Muls of the shifts)
     all_layers = layers + (_layers_of(prepared.unshifted, config) if prepared.unshifted is not None else [])
     tensors = list(dict.fromkeys(l.data.name for l in all_layers))
+    if config.format == "qdq" and config.qdq_layer_outputs:  # output quantizers (choose_all)
+        tensors = list(dict.fromkeys(tensors + [l.node.outputs[0].name for l in all_layers]))
     keep = 0 if source.reiterable else config.verify_count
     if config.allocation_mode is not None and not source.reiterable:
         keep = max(keep, config.probe_count)  # the sensitivity probe needs batches too

@@ -47,8 +47,9 @@ def _add_convert(sub) -> None:
     q.add_argument("--abits", type=int, default=8, help="activation bits (default 8)")
     q.add_argument("--weight-granularity", choices=GRANULARITIES, default="auto",
                    help="fractional length per tensor, per output channel, or chosen per layer by SQNR (auto)")
-    q.add_argument("--act-quant", choices=ACT_MODES, default="auto",
-                   help="activation quantizer: fixed, log, or chosen per tensor by SQNR (auto)")
+    q.add_argument("--act-quant", choices=ACT_MODES, default=None,
+                   help="activation quantizer: fixed, log, or chosen per tensor by SQNR (auto); "
+                        "default auto for --format mxqn, fixed for --format qdq")
     q.add_argument("--log-margin", type=float, default=0.0, metavar="DB",
                    help="log must beat fixed point by this many dB to be chosen (default 0)")
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -108,12 +109,18 @@ def _add_convert(sub) -> None:
     o.add_argument("--format", choices=FORMATS, default="mxqn",
                    help="mxqn: Cast/Mul weights and FixedQuant/LogQuant nodes (default); qdq: standard "
                         "QuantizeLinear/DequantizeLinear with scales 2^-f for fixed-point tensors "
-                        "(log activations stay custom nodes; with --act-quant fixed the model is all standard ONNX)")
+                        "(always standard ONNX: activations fixed point by default, log ones asked for "
+                        "with --act-quant auto/log written as inlined standard ops)")
     o.add_argument("--qdq-encoding", choices=QDQ_ENCODINGS, default="safe",
-                   help="how --format qdq stores 8-bit codes: safe (default; uint8 with zero point 128 "
-                        "where int8 weights could saturate onnxruntime's int16 pair sums on x86 CPUs "
-                        "without VNNI: exact on every CPU) or int8 (signed, zero point 0: for TensorRT; "
+                   help="how --format qdq stores 8-bit codes: safe (default; int8 weights, 7-bit codes "
+                        "in layers whose 8-bit ones could saturate onnxruntime's int16 pair sums on x86 "
+                        "CPUs without VNNI: exact on every CPU, int8 in onnxruntime and OpenVINO), uint8 "
+                        "(full 8-bit codes, uint8 with zero point 128 where int8 could saturate: exact "
+                        "everywhere, onnxruntime only) or int8 (signed, zero point 0: for TensorRT; "
                         "exact in onnxruntime only with VNNI or on Arm)")
+    o.add_argument("--qdq-layer-outputs", action="store_true",
+                   help="--format qdq: also quantize layer outputs no quantizer follows (a conv before "
+                        "HardSwish or a residual Add) so that onnxruntime fuses those layers too")
     o.add_argument("--opset", type=int, default=None, metavar="N",
                    help="raise the output's opset to N (21+ stores <=4-bit weights as packed int4 "
                         "and allows 16-bit QDQ)")
@@ -382,6 +389,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         equalize=args.equalize, data_samples=args.data_samples, holdout=not args.no_holdout,
         depthwise_shift=args.depthwise_shift,
         format=args.format, opset=args.opset, qdq_encoding=args.qdq_encoding,
+        qdq_layer_outputs=args.qdq_layer_outputs,
         target_sqnr_db=args.target_sqnr, avg_wbits=args.avg_wbits, avg_abits=args.avg_abits,
         max_size_mb=args.max_size, max_accuracy_drop=args.max_accuracy_drop, bits_set=args.bits_set,
         sensitivity=args.sensitivity, refine_steps=args.refine,

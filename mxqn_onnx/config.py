@@ -11,7 +11,7 @@ GRANULARITIES = ("auto", "tensor", "channel")
 ACT_MODES = ("auto", "fixed", "log")
 FORMATS = ("mxqn", "qdq")
 #: How the qdq format stores 8-bit codes; see :mod:`mxqn_onnx.graph.qdq`.
-QDQ_ENCODINGS = ("safe", "int8")
+QDQ_ENCODINGS = ("safe", "int8", "uint8")
 MIN_BITS, MAX_BITS = 2, 16
 SENSITIVITIES = ("quantizer", "noise", "none")
 ROUNDINGS = ("nearest", "gptq", "auto")
@@ -36,7 +36,8 @@ class QuantConfig:
         weight_granularity: ``auto`` (per layer, by SQNR), ``tensor`` or ``channel``.
         channel_gain_db: under ``auto``, per-channel fractional lengths are used when they
             raise the weight SQNR by more than this many dB.
-        act_quant: ``auto`` (fixed or log per tensor, by SQNR), ``fixed`` or ``log``.
+        act_quant: ``auto`` (fixed or log per tensor, by SQNR), ``fixed`` or ``log``; None (the
+            default) is ``auto`` for format ``mxqn`` and ``fixed`` for ``qdq`` (see :attr:`act_mode`).
         log_margin_db: under ``auto``, log is chosen only when it beats fixed point by more
             than this margin (fixed point is cheaper in hardware).
         exclude: node names or glob patterns to leave in float.
@@ -97,10 +98,17 @@ class QuantConfig:
             (standard QuantizeLinear/DequantizeLinear with scales 2^-f where expressible).
         opset: raise the output's default-domain opset to this (None: keep the model's, at
             least 13). Opset 21 allows packed int4 weights and 16-bit QDQ.
-        qdq_encoding: how ``qdq`` stores 8-bit codes: ``safe`` (uint8 with zero point 128
-            wherever int8 weights could saturate onnxruntime's int16 pair sums on x86 CPUs
-            without VNNI; exact on every CPU) or ``int8`` (signed, zero point 0 everywhere:
-            what TensorRT accepts; exact in onnxruntime only with VNNI or on Arm).
+        qdq_encoding: how ``qdq`` stores 8-bit codes: ``safe`` (signed int8 weights, uint8
+            activations; a layer whose 8-bit weight codes could saturate onnxruntime's int16 pair
+            sums on x86 CPUs without VNNI gets 7-bit codes: exact on every CPU, int8 in
+            onnxruntime and OpenVINO), ``uint8`` (full 8-bit codes, stored as uint8 with zero
+            point 128 where int8 could saturate: exact on every CPU, but OpenVINO runs those
+            layers in float) or ``int8`` (signed, zero point 0 everywhere: what TensorRT
+            accepts; exact in onnxruntime only with VNNI or on Arm).
+        qdq_layer_outputs: under ``qdq``, also quantize (fixed point, by SQNR) each layer output
+            that no quantizer follows yet (a conv feeding HardSwish, a residual Add), so that
+            onnxruntime fuses the layer into an integer kernel; more quantization noise, and
+            OpenVINO runs those layers in int8 without it.
 
     Mixed precision (any of these turns it on; see :mod:`mxqn_onnx.mixed.search`):
         target_sqnr_db: output SQNR to reach with the fewest bits (weights + activations).
@@ -123,7 +131,7 @@ class QuantConfig:
     abits: int = 8
     weight_granularity: str = "auto"
     channel_gain_db: float = 0.5
-    act_quant: str = "auto"
+    act_quant: Optional[str] = None
     log_margin_db: float = 0.0
     exclude: Tuple[str, ...] = field(default_factory=tuple)
     keep_first: bool = False
@@ -149,6 +157,7 @@ class QuantConfig:
     format: str = "mxqn"
     opset: Optional[int] = None
     qdq_encoding: str = "safe"
+    qdq_layer_outputs: bool = False
     target_sqnr_db: Optional[float] = None
     avg_wbits: Optional[float] = None
     avg_abits: Optional[float] = None
@@ -188,6 +197,8 @@ class QuantConfig:
         if self.data_samples == 0 and (self.rounding == "gptq" or self.act_objective == "output"):
             what = "rounding gptq" if self.rounding == "gptq" else "act_objective output"
             raise MxqnError(f"{what} needs kept calibration samples; data_samples must be at least 1")
+        if not isinstance(self.qdq_layer_outputs, bool):
+            raise MxqnError(f"qdq_layer_outputs must be True or False, got {self.qdq_layer_outputs!r}")
         if not isinstance(self.holdout, bool):
             raise MxqnError(f"holdout must be True or False, got {self.holdout!r}")
         if isinstance(self.depthwise_shift, bool):
@@ -195,7 +206,7 @@ class QuantConfig:
         if self.depthwise_shift not in DEPTHWISE_SHIFTS:
             raise MxqnError(f"depthwise_shift must be one of {', '.join(DEPTHWISE_SHIFTS)} (or True/False), "
                             f"got {self.depthwise_shift!r}")
-        if self.act_quant not in ACT_MODES:
+        if self.act_quant is not None and self.act_quant not in ACT_MODES:
             raise MxqnError(f"act_quant must be one of {', '.join(ACT_MODES)}, got {self.act_quant!r}")
         for name in ("channel_gain_db", "log_margin_db"):
             v = getattr(self, name)
@@ -252,6 +263,14 @@ class QuantConfig:
                 raise MxqnError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
             raise MxqnError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
+
+    @property
+    def act_mode(self) -> str:
+        """The activation quantizer mode in effect: ``act_quant``, or by default ``fixed`` for
+        the qdq format (standard ONNX throughout) and ``auto`` for mxqn."""
+        if self.act_quant is not None:
+            return self.act_quant
+        return "fixed" if self.format == "qdq" else "auto"
 
     def rounds_with_data(self, wbits: int, model_cost: float = float("inf")) -> bool:
         """Whether weights of ``wbits`` get data-aware rounding, in a model whose rounding is

@@ -169,12 +169,12 @@ def ort_types(wbits: int, abits: int):
 
 
 def run_ort(pre_path: str, out_path: str, calib: np.ndarray, input_name: str, wbits: int, abits: int,
-            method: str, per_channel: bool) -> None:
+            method: str, per_channel: bool, batch: int = BATCH) -> None:
     """onnxruntime QDQ static quantization of the Conv/Gemm/MatMul layers (as MXQN does)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     wt, at = ort_types(wbits, abits)
-    quantize_static(pre_path, out_path, NpzReader(input_name, calib), quant_format=QuantFormat.QDQ,
+    quantize_static(pre_path, out_path, NpzReader(input_name, calib, batch), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["Conv", "Gemm", "MatMul"], per_channel=per_channel,
                     weight_type=wt, activation_type=at, calibrate_method=getattr(CalibrationMethod, method))
 

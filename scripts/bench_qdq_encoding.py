@@ -11,9 +11,10 @@ script converts each model with every candidate encoding and measures, in one ru
 - **latency**: median batch-1 time of the fused model, interleaved with FP32 and onnxruntime's
   own ``quantize_static`` QDQ model (U8 activations, S8 weights, per channel) in the same run.
 
-Candidates: ``safe`` (the default: uint8 weights with zero point 128 where int8 could saturate,
-so the fused kernel is U8U8), ``int8`` (signed weights, zero point 0: U8S8), and ``int8`` with
-7-bit weight codes (``--wbits 7``: no pair can saturate, one bit of weight grid lost).
+Candidates: ``safe`` (the default: int8 weights, 7-bit codes in layers where 8-bit ones could
+saturate), ``uint8`` (uint8 weights with zero point 128 where int8 could saturate, so the fused
+kernel is U8U8), ``int8`` (signed weights, zero point 0: U8S8), and ``int8`` with 7-bit weight
+codes everywhere (``--wbits 7``).
 Signed activations (unsigned codes stored as int8 with zero point -128, so the kernels are
 S8S8) were measured as well and dropped: on an AVX2 CPU onnxruntime saturates them exactly as
 it does the int8 encoding.
@@ -54,6 +55,7 @@ MODELS = {
 #: name -> quantize() keyword arguments (all with --format qdq --act-quant fixed)
 CANDIDATES = {
     "safe (default)": dict(qdq_encoding="safe"),
+    "uint8": dict(qdq_encoding="uint8"),
     "int8": dict(qdq_encoding="int8"),
     "int8, 7-bit weights": dict(qdq_encoding="int8", wbits=7),
 }

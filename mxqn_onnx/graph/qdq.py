@@ -16,15 +16,18 @@ quantizer commutes with those ops (see docs/FORMAT.md).
 
 **Integer encoding of 8-bit codes** (``QuantConfig.qdq_encoding``). On x86 CPUs without VNNI,
 onnxruntime's fused U8S8 kernels multiply with ``VPMADDUBSW``, which adds two adjacent
-``uint8 x int8`` products into an int16 and saturates: ``2 * 255 * 128`` does not fit. The
-default ``safe`` encoding therefore stores a layer's 8-bit weights as int8 (zero point 0) only
-when no such pair can leave int16 (:func:`pair_fits_int16`), and otherwise as uint8 with zero
-point 128, so the fused kernel is U8U8 (products widened to int16 operands, exact on every
-CPU). Signed 8-bit activations are stored as uint8 with zero point 128 (int8 activations
-would force int8 weights). The codes, and so the grid, are unchanged: ``q + 128`` with zero
-point 128 dequantizes to the same value. ``int8`` keeps every 8-bit tensor signed with zero
-point 0: what TensorRT's explicit quantization accepts, exact in onnxruntime on CPUs with VNNI
-or Arm dot-product instructions.
+``uint8 x int8`` products into an int16 and saturates: ``2 * 255 * 128`` does not fit.
+Activations are stored as uint8 in every encoding but ``int8`` (signed codes with zero point
+128: int8 activations would force int8 weights). The default ``safe`` encoding stores
+weights as signed int8 with zero point 0 (what OpenVINO and every int8 runtime run in
+integers), and :func:`mxqn_onnx.quant.choose.decide_layer` gives a layer whose 8-bit codes
+could leave int16 (:func:`pair_fits_int16`) 7-bit codes instead (:func:`mxqn_onnx.quant.quantizers.pair_safe_bits`):
+exact on every CPU. ``uint8`` keeps the 8-bit codes and stores such a layer's weights as
+uint8 with zero point 128 (a U8U8 kernel, exact in onnxruntime, but OpenVINO runs those
+layers in float). The codes, and so the grid, are unchanged: ``q + 128`` with zero point 128
+dequantizes to the same value. ``int8`` keeps every 8-bit tensor signed with zero point 0:
+what TensorRT's explicit quantization accepts, exact in onnxruntime on CPUs with VNNI or Arm
+dot-product instructions.
 """
 
 from __future__ import annotations
@@ -43,30 +46,14 @@ from .containers import Container, container_for
 TRANSPARENT_OPS = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
                    "Identity"}
 
-#: ``VPMADDUBSW`` adds two ``uint8 x int8`` products into a saturating int16.
-INT16_MAX = 2 ** 15 - 1
-
-#: Zero point that moves signed 8-bit codes into uint8.
-UINT8_OFFSET = 128
+INT16_MAX = Q.INT16_MAX
+UINT8_OFFSET = Q.UINT8_OFFSET
+pair_fits_int16 = Q.pair_fits_int16
 
 
 def act_code_max(dec: ActDecision) -> int:
-    """Largest raw uint8 code the activation can take in the ``safe`` encoding."""
-    _, hi = Q.fxp_range(dec.bits, dec.signed)
-    return hi + (UINT8_OFFSET if dec.signed else 0)  # signed codes are stored shifted by 128
-
-
-def pair_fits_int16(weight_codes: np.ndarray, act_max: int) -> bool:
-    """Whether any two products ``a * w`` (``0 <= a <= act_max``) summed stay within int16.
-
-    The bound is taken over the two largest weight magnitudes, whatever pair the kernel's
-    packing puts side by side.
-    """
-    w = np.abs(np.asarray(weight_codes, dtype=np.int64)).ravel()
-    if w.size == 0:
-        return True
-    top = np.sort(w)[-2:] if w.size > 1 else np.concatenate([w, [0]])
-    return int(act_max) * int(top.sum()) <= INT16_MAX
+    """Largest raw uint8 code the activation can take in the ``safe``/``uint8`` encodings."""
+    return Q.u8_code_max(dec.bits, dec.signed)
 
 
 def weight_storage(container: Container, codes: np.ndarray, act: Optional[ActDecision],
@@ -74,8 +61,13 @@ def weight_storage(container: Container, codes: np.ndarray, act: Optional[ActDec
     """The container and zero point of a layer's weight codes in the QDQ output.
 
     ``act`` is the layer's input quantizer when it is QDQ (the layer may fuse), else None.
+    Under ``safe`` the codes were already chosen within the pair bound
+    (:func:`mxqn_onnx.quant.choose.decide_layer`); this checks it.
     """
-    if (encoding == "safe" and act is not None and container.name == "int8"
+    if (encoding == "safe" and act is not None and container.name == "int8" and act.bits <= 8
+            and not pair_fits_int16(codes, act_code_max(act))):
+        raise AssertionError("safe QDQ encoding: weight codes outside the int16 pair bound")
+    if (encoding == "uint8" and act is not None and container.name == "int8"
             and act.bits <= 8 and not pair_fits_int16(codes, act_code_max(act))):
         return container_for(8, False, opset), UINT8_OFFSET
     return container, 0
@@ -84,7 +76,7 @@ def weight_storage(container: Container, codes: np.ndarray, act: Optional[ActDec
 def act_storage(dec: ActDecision, opset: int, encoding: str) -> Tuple[Container, int]:
     """The container and zero point of an activation's QuantizeLinear in the QDQ output."""
     c = container_for(dec.bits, dec.signed, opset)
-    if encoding == "safe" and c.name == "int8":
+    if encoding in ("safe", "uint8") and c.name == "int8":
         return container_for(8, False, opset), UINT8_OFFSET
     return c, 0
 
@@ -198,4 +190,36 @@ def add_producer_quantizers(graph: gs.Graph, qdq_acts: Dict[str, ActDecision], f
                 if inp is y:
                     node.inputs[i] = dq
         done.append(producer.name)
+    return done
+
+
+def quantize_layer_outputs(graph: gs.Graph, acts: Dict[str, ActDecision], fusable: Set[str], opset: int,
+                           retype: Dict[str, Container], encoding: str = "safe") -> List[str]:
+    """A QDQ pair on the output of each fusable layer that no quantizer follows yet.
+
+    ``acts`` holds the output quantizers chosen for it (``QuantConfig.qdq_layer_outputs``);
+    graph outputs and outputs already followed by a QuantizeLinear (directly or through a
+    Relu) are left alone. Returns the names of the layers given a pair.
+    """
+    outputs = {t.name for t in graph.outputs}
+    done = []
+
+    def quantized(t: gs.Variable) -> bool:
+        return bool(t.outputs) and all(r.op == "QuantizeLinear" for r in t.outputs)
+
+    for node in [n for n in graph.nodes if n.name in fusable]:
+        y = node.outputs[0]
+        dec = acts.get(y.name)
+        if dec is None or dec.kind != "fixed" or y.name in outputs or not y.outputs or needs_clip(dec, opset):
+            continue
+        if any(r.op == "QuantizeLinear" for r in y.outputs) or \
+                all(r.op == "Relu" and quantized(r.outputs[0]) for r in y.outputs):
+            continue
+        readers = list(y.outputs)
+        dq = quantize_activation(graph, y, dec, opset, retype, suffix="out_qdq", encoding=encoding)
+        for r in readers:
+            for i, inp in enumerate(r.inputs):
+                if inp is y:
+                    r.inputs[i] = dq
+        done.append(node.name)
     return done

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import inliner
 
 from .._version import __version__
 from ..quant import quantizers as Q
@@ -80,6 +81,16 @@ def _bias_frac_for_qdq(dec: LayerDecision, shape) -> Optional[np.ndarray]:
     return target if np.array_equal(target, got) else None
 
 
+def _inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its ``ai.mxqn`` function calls replaced by their standard-op bodies."""
+    model = inliner.inline_local_functions(model)
+    del model.functions[:]
+    kept = [i for i in model.opset_import if i.domain != functions.DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return model
+
+
 def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision],
             acts: Dict[str, ActDecision], source: onnx.ModelProto, metadata: dict,
             fmt: str = "mxqn", qdq_encoding: str = "safe") -> onnx.ModelProto:
@@ -87,7 +98,8 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
 
     ``fmt`` is ``"mxqn"`` (Cast/Mul dequantization, custom quantizer nodes) or ``"qdq"``
     (standard QuantizeLinear/DequantizeLinear wherever the opset can express the tensor;
-    log quantizers, and widths the opset lacks, stay as custom nodes / Cast+Mul).
+    log quantizers, and widths the opset lacks, become the standard ops of their function
+    bodies, inlined, and Cast+Mul).
     ``qdq_encoding`` is how ``qdq`` stores 8-bit codes (see :mod:`mxqn_onnx.graph.qdq`).
     """
     opset = max(int(graph.opset), MIN_OPSET)  # the normalised graph's opset (upgraded if it was older)
@@ -144,6 +156,7 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
             fusable.add(node.name)
     if fmt == "qdq":
         qdq.add_producer_quantizers(graph, qdq_acts, fusable, opset, retype, qdq_encoding)
+        qdq.quantize_layer_outputs(graph, acts, fusable, opset, retype, qdq_encoding)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
     graph.opset = opset
@@ -159,6 +172,8 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
             model.opset_import.append(imp)
     if custom or fmt == "mxqn":
         model.functions.extend(functions.all_functions(opset))
+    if custom and fmt == "qdq":  # standard ONNX only: the quantizers' bodies go inline
+        model = _inlined(model)
     model.ir_version = max(MIN_IR_VERSION, source.ir_version,
                            onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     model.producer_name = "mxqn-onnx"

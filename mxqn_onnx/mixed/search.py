@@ -71,7 +71,7 @@ def build_units(layers: Sequence[Layer], hists: Dict[str, TensorHistogram], n_sa
     def act_table(item):
         t, fixed = item
         widths = [fixed] if fixed is not None else list(config.bits_set)
-        return {b: choose_activation(hists[t], b, config.act_quant, config.log_margin_db).sqnr_db for b in widths}
+        return {b: choose_activation(hists[t], b, config.act_mode, config.log_margin_db).sqnr_db for b in widths}
 
     # every tensor at every width: the largest part of this step; numpy releases the GIL in
     # the binned error sums, so a thread per core shortens it (map keeps the order)

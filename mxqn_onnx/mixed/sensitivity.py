@@ -437,7 +437,7 @@ def make_probe(fp32: onnx.ModelProto, layers: Sequence[Layer], hists: Dict[str, 
                     own[("weight", layer.name)] = db_to_noise(wd.sqnr_db)
                 t = layer.data.name
                 if ("act", t) in todo and t not in acts:
-                    acts[t] = choose_activation(hists[t], width, config.act_quant, config.log_margin_db)
+                    acts[t] = choose_activation(hists[t], width, config.act_mode, config.log_margin_db)
                     own[("act", t)] = db_to_noise(acts[t].sqnr_db)
             sens = state["probe"].run(werr, acts, own, only=todo)
             for k in todo:

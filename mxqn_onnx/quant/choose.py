@@ -229,7 +229,17 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     w = layer.weight
     wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db,
                          config.weight_clip)
+    note = None
+    safe_bits = _pair_safe_bits(w, wdec, act, config)
+    if safe_bits < wbits:
+        note = (f"{wbits}-bit weights held to {safe_bits}-bit codes: two {wbits}-bit products could "
+                f"saturate onnxruntime's int16 pair sums on x86 CPUs without VNNI (--qdq-encoding safe)")
+        wbits = safe_bits
+        wdec = choose_weight(w, wbits, config.weight_granularity, layer.channel_axis, config.channel_gain_db,
+                             config.weight_clip)
     dec = LayerDecision(layer.name, layer.op, int(w.size), wdec, act)
+    if note:
+        dec.notes.append(note)
     wq = Q.fxp_quantize(w, wbits, wdec.frac_array(w.shape), True)
     w_rows = unfold.weight_rows(layer) if sample is not None else None
     x_rows = None
@@ -251,8 +261,13 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
         dec.rounding_seconds = time.perf_counter() - t0
         if res is not None:
             wdec.output_sqnr_nearest_db, wdec.output_sqnr_db = res.sqnr_nearest_db, res.sqnr_db
-            if res.used:
-                wq = unfold.rows_to_weight(layer, res.rows, w.shape)
+            rounded = unfold.rows_to_weight(layer, res.rows, w.shape) if res.used else None
+            if rounded is not None and _pair_safe_bits(rounded, wdec, act, config) < wbits:
+                dec.notes.append("data-aware rounding dropped: its codes break the int16 pair bound")
+                wdec.output_sqnr_db = res.sqnr_nearest_db
+                rounded = None
+            if rounded is not None:
+                wq = rounded
                 wdec.rounding = "gptq"
                 wdec.sqnr_db = Q.sqnr_of(w, wq)
                 dec.weight_values = wq
@@ -276,6 +291,21 @@ def decide_layer(layer: Layer, act: ActDecision, wbits: int, config: QuantConfig
     if x_rows is not None:
         _measure_layer(dec, layer, w_rows, wq, x_rows, b)
     return dec
+
+
+def _pair_safe_bits(w: np.ndarray, wdec: WeightDecision, act: ActDecision, config: QuantConfig) -> int:
+    """``wdec.bits``, or fewer when the qdq ``safe`` encoding's int16 pair bound needs them.
+
+    Applies where the layer can fuse into a U8S8 integer kernel: fixed-point input of at most
+    8 bits (stored as uint8) and weights of at most 8 bits (stored as int8).
+    """
+    if (config.format != "qdq" or config.qdq_encoding != "safe" or act.kind != "fixed"
+            or act.bits > 8 or wdec.bits > 8):
+        return wdec.bits
+    act_max = Q.u8_code_max(act.bits, act.signed)
+    if Q.pair_fits_int16(Q.fxp_codes(w, wdec.bits, wdec.frac_array(w.shape), True), act_max):
+        return wdec.bits
+    return min(wdec.bits, Q.pair_safe_bits(act_max))
 
 
 def without_bias_correction(decisions: List[LayerDecision], layers: List[Layer]) -> List[LayerDecision]:
@@ -384,7 +414,7 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
     # array operations, so a thread per core shortens this step (map keeps the order).
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         acts = dict(zip(act_bits, pool.map(
-            lambda tb: choose_activation(hists[tb[0]], tb[1], config.act_quant, config.log_margin_db),
+            lambda tb: choose_activation(hists[tb[0]], tb[1], config.act_mode, config.log_margin_db),
             act_bits.items())))
         if config.act_objective == "output" and samples:
             by_tensor: Dict[str, List[Layer]] = {}
@@ -398,6 +428,13 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
                                     _mean_in(il[1].data.name, hists, means), samples.get(il[1].data.name),
                                     cost, hists[il[1].data.name]),
             enumerate(layers)))
+    if config.format == "qdq" and config.qdq_layer_outputs:
+        # a fixed-point quantizer on each layer output that other ops read (the rewrite puts it
+        # only where no quantizer follows the layer yet), so the layer can fuse
+        for i, layer in enumerate(layers):
+            y = layer.node.outputs[0]
+            if y.name not in acts and y.name in hists and y.outputs:
+                acts[y.name] = choose_activation(hists[y.name], bits_for[i][1], "fixed", config.log_margin_db)
     return decisions, acts
 
 
@@ -422,4 +459,4 @@ def _refine(act: ActDecision, hist: TensorHistogram, readers: List[Layer], sampl
         if x_rows is None:
             return act  # a reader the objective cannot model: keep the tensor choice
         consumers.append((w_rows, x_rows))
-    return objective.refine_activation(act, hist, consumers, config.act_quant)
+    return objective.refine_activation(act, hist, consumers, config.act_mode)

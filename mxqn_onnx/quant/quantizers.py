@@ -495,3 +495,40 @@ def mean_error_binned(bins: Bins, quantize, points: int = 8) -> float:
     x = bins.lo[:, None] + (bins.hi - bins.lo)[:, None] * t[None, :]
     err = quantize(x.astype(np.float32)).astype(np.float64) - x
     return float(np.sum(err.mean(axis=1) * bins.count) / total)
+
+
+# ------------------------------------------------ onnxruntime's int16 pair sums (x86 without VNNI)
+
+#: ``VPMADDUBSW`` adds two ``uint8 x int8`` products into a saturating int16.
+INT16_MAX = 2 ** 15 - 1
+#: Zero point that moves signed 8-bit codes into uint8.
+UINT8_OFFSET = 128
+
+
+def u8_code_max(bits: int, signed: bool) -> int:
+    """Largest raw uint8 code of an activation stored as uint8 (signed codes shifted by 128)."""
+    return fxp_range(bits, signed)[1] + (UINT8_OFFSET if signed else 0)
+
+
+def pair_fits_int16(weight_codes: np.ndarray, act_max: int) -> bool:
+    """Whether any two products ``a * w`` (``0 <= a <= act_max``) summed stay within int16.
+
+    The bound is taken over the two largest weight magnitudes, whatever pair the kernel's
+    packing puts side by side.
+    """
+    w = np.abs(np.asarray(weight_codes, dtype=np.int64)).ravel()
+    if w.size == 0:
+        return True
+    top = np.sort(w)[-2:] if w.size > 1 else np.concatenate([w, [0]])
+    return int(act_max) * int(top.sum()) <= INT16_MAX
+
+
+def pair_safe_bits(act_max: int) -> int:
+    """The widest signed weight width whose every code pair fits int16 against ``act_max``.
+
+    Two ``b``-bit codes sum to at most ``2^b`` in magnitude: 7 bits against 8-bit activations.
+    """
+    b = 1
+    while int(act_max) * 2 ** (b + 1) <= INT16_MAX:
+        b += 1
+    return b

@@ -42,8 +42,9 @@ def test_x(digits_test):
 @pytest.fixture(scope="module")
 def fixed_pair(digits_model, digits_calib):
     kw = dict(act_quant="fixed", verify=False)
+    # the uint8 encoding keeps the mxqn format's 8-bit codes (safe may hold some to 7 bits)
     return (mxqn_onnx.quantize(digits_model, digits_calib, format="mxqn", **kw),
-            mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", **kw))
+            mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", qdq_encoding="uint8", **kw))
 
 
 def test_qdq_fixed_is_standard_onnx(fixed_pair):
@@ -90,23 +91,29 @@ def test_qdq_matches_mxqn_outputs(fixed_pair, test_x):
         assert np.mean(ref.argmax(1) == got.argmax(1)) == 1.0
 
 
-def test_qdq_keeps_log_quantizers_as_custom_nodes(digits_model, digits_calib, test_x):
-    mx = mxqn_onnx.quantize(digits_model, digits_calib, verify=False)
-    q = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", verify=False)
+def test_qdq_default_is_fixed_point_and_log_is_inlined_standard_onnx(digits_model, digits_calib, test_x):
+    # by default the qdq format chooses fixed-point activations only: QDQ pairs throughout
+    d = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", verify=False)
+    assert {a.kind for a in d.activations.values()} == {"fixed"}
+    assert {n.op_type for n in d.model.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    # log, where asked for, is written as its function body's standard ops, inlined
+    mx = mxqn_onnx.quantize(digits_model, digits_calib, act_quant="auto", qdq_encoding="uint8", verify=False)
+    q = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", act_quant="auto", qdq_encoding="uint8",
+                           verify=False)
     n_log = sum(a.kind == "log" for a in q.activations.values())
-    assert n_log > 0  # the shipped model picks log for some tensors
+    assert n_log > 0  # the shipped model picks log for some tensors under auto
     onnx.checker.check_model(q.model, full_check=True)
     ops = [n.op_type for n in q.model.graph.node]
-    assert ops.count("LogQuant") == n_log and "FixedQuant" not in ops
-    assert "QuantizeLinear" in ops
-    assert any(i.domain == DOMAIN for i in q.model.opset_import)
+    assert "LogQuant" not in ops and "FixedQuant" not in ops and "QuantizeLinear" in ops
+    assert all(n.domain in ("", "ai.onnx") for n in q.model.graph.node)
+    assert all(i.domain in ("", "ai.onnx") for i in q.model.opset_import) and len(q.model.functions) == 0
     assert _sqnr(_run(mx.model, test_x), _run(q.model, test_x)) > 60.0
 
 
 def test_narrow_activations_get_a_clip(digits_model, digits_calib, test_x):
     kw = dict(act_quant="fixed", abits=6, verify=False)
     mx = mxqn_onnx.quantize(digits_model, digits_calib, **kw)
-    q = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", **kw)
+    q = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", qdq_encoding="uint8", **kw)
     ops = [n.op_type for n in q.model.graph.node]
     assert ops.count("Clip") == ops.count("QuantizeLinear") > 0
     assert _sqnr(_run(mx.model, test_x), _run(q.model, test_x)) > 60.0
@@ -146,7 +153,8 @@ def test_16_bit_qdq_needs_opset_21(digits_model, digits_calib, test_x):
     r13 = mxqn_onnx.quantize(digits_model, digits_calib, **kw)
     r21 = mxqn_onnx.quantize(digits_model, digits_calib, opset=21, **kw)
     ops13 = {n.op_type for n in r13.model.graph.node}
-    assert "FixedQuant" in ops13 and "QuantizeLinear" not in ops13  # no 16-bit QDQ before opset 21
+    # no 16-bit QDQ before opset 21: the FixedQuant body is inlined (Round, Clip) instead
+    assert "QuantizeLinear" not in ops13 and {"Round", "Clip"} <= ops13 and len(r13.model.functions) == 0
     ops21 = {n.op_type for n in r21.model.graph.node}
     assert "FixedQuant" not in ops21 and "QuantizeLinear" in ops21
     assert onnx.TensorProto.INT16 in set(_weight_types(r21.model).values())
@@ -173,111 +181,3 @@ def test_cli_qdq_opset(tmp_path, digits_model, digits_calib, digits_test):
     assert json.loads(p.stdout)["output_sqnr_db"] > 25
     p = run_cli("convert", digits_model, out, "--calib", digits_calib, "--format", "nope")
     assert p.returncode == 2
-
-
-# ------------------------------------------------------------------ integer encoding (issue: VNNI)
-#
-# On x86 CPUs without VNNI, onnxruntime's fused U8S8 kernels add two adjacent uint8 x int8
-# products into a saturating int16 (VPMADDUBSW). These tests check the encoding itself, so they
-# fail on an unsafe encoding whatever CPU runs them; the fused-vs-unfused comparison above and
-# below catches the symptom on CPUs where it shows.
-
-_INT16_MAX = 2 ** 15 - 1
-
-
-def _fused_layer_operands(model: onnx.ModelProto):
-    """(layer, activation codes range, activation type, weight codes, weight type) per QDQ layer."""
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    out = []
-    for n in model.graph.node:
-        if n.op_type not in ("Conv", "Gemm", "MatMul"):
-            continue
-        x_dq, w_dq = producer.get(n.input[0]), producer.get(n.input[1])
-        if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
-            continue
-        q = producer[x_dq.input[0]]
-        assert q.op_type == "QuantizeLinear"
-        act_zp = inits[q.input[2]]
-        lo, hi = (0, 255) if act_zp.dtype == np.uint8 else (-128, 127)
-        clip = producer.get(q.input[0])
-        if clip is not None and clip.op_type == "Clip":  # narrower than the container
-            scale = float(inits[q.input[1]])
-            lo = max(lo, int(round(float(inits[clip.input[1]]) / scale)) + int(act_zp))
-            hi = min(hi, int(round(float(inits[clip.input[2]]) / scale)) + int(act_zp))
-        w_codes = inits[w_dq.input[0]]
-        w_zp = inits[w_dq.input[2]] if len(w_dq.input) > 2 else np.zeros((), w_codes.dtype)
-        out.append((n.name, (lo, hi), act_zp.dtype, w_codes.astype(np.int64), w_codes.dtype,
-                    w_zp.astype(np.int64)))
-    return out
-
-
-def _int16_pair_safe(act_range, act_type, w_codes, w_type) -> bool:
-    """Whether the layer's fused product is exact on every x86 CPU.
-
-    U8U8 runs on int16-widened operands (exact). For U8S8 the raw uint8 codes a in act_range
-    meet raw int8 codes w: every pair a1*w1 + a2*w2 must fit int16.
-    """
-    if act_type == np.uint8 and w_type == np.uint8:
-        return True
-    if act_type == np.uint8 and w_type == np.int8:
-        top2 = np.sort(np.abs(w_codes).ravel())[-2:].sum()
-        return act_range[1] * top2 <= _INT16_MAX
-    return False  # S8S8 is not claimed exact
-
-
-@pytest.mark.parametrize("kw", [dict(), dict(wbits=7), dict(abits=7), dict(wbits=6, abits=6),
-                                dict(weight_granularity="tensor")])
-def test_default_encoding_cannot_saturate_int16_pairs(digits_model, digits_calib, test_x, kw):
-    r = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", act_quant="fixed", verify=False, **kw)
-    layers = _fused_layer_operands(r.model)
-    assert len(layers) == len(r.layers)  # every layer has QDQ operands
-    for name, act_range, act_type, w_codes, w_type, w_zp in layers:
-        assert _int16_pair_safe(act_range, act_type, w_codes - w_zp.reshape((-1,) + (1,) * (w_codes.ndim - 1))
-                                if w_zp.ndim else w_codes - w_zp, w_type), name
-    # the codes are the same grid whatever the encoding: outputs equal the mxqn format's
-    mx = mxqn_onnx.quantize(digits_model, digits_calib, act_quant="fixed", verify=False, **kw)
-    ref = _run(mx.model, test_x)
-    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        got = _run(r.model, test_x, level)
-        assert _sqnr(ref, got) > 60.0
-        assert np.mean(ref.argmax(1) == got.argmax(1)) == 1.0
-
-
-def test_8bit_weights_become_uint8_only_where_int8_could_saturate(digits_model, digits_calib):
-    kw = dict(format="qdq", act_quant="fixed", verify=False)
-    w8 = mxqn_onnx.quantize(digits_model, digits_calib, **kw)
-    w7 = mxqn_onnx.quantize(digits_model, digits_calib, wbits=7, **kw)
-    # 8-bit weights against 8-bit activations could overflow: U8U8; 7-bit weights cannot: int8 kept
-    assert {t for _, _, _, _, t, _ in _fused_layer_operands(w8.model)} == {np.dtype(np.uint8)}
-    assert {t for _, _, _, _, t, _ in _fused_layer_operands(w7.model)} == {np.dtype(np.int8)}
-    # signed activations (the normalised input) are offset into uint8 as well
-    assert {t for _, _, t, _, _, _ in _fused_layer_operands(w8.model)} == {np.dtype(np.uint8)}
-    # the offset codes are the signed codes + 128: same weights after dequantization
-    legacy = mxqn_onnx.quantize(digits_model, digits_calib, qdq_encoding="int8", **kw)
-    for (_, _, _, a, _, za), (_, _, _, b, _, zb) in zip(_fused_layer_operands(w8.model),
-                                                        _fused_layer_operands(legacy.model)):
-        shape = (-1,) + (1,) * (a.ndim - 1) if za.ndim else ()
-        np.testing.assert_array_equal(a - za.reshape(shape), b - zb.reshape(shape))
-
-
-def test_int8_encoding_is_the_unsafe_one_the_check_catches(digits_model, digits_calib, test_x):
-    """The legacy signed encoding breaks the int16 pair bound, so the check above can fail."""
-    r = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", act_quant="fixed", verify=False,
-                           qdq_encoding="int8")
-    layers = _fused_layer_operands(r.model)
-    assert not all(_int16_pair_safe(a, at, w, wt) for _, a, at, w, wt, _ in layers)
-    # and it is still exact where no fusion happens
-    mx = mxqn_onnx.quantize(digits_model, digits_calib, act_quant="fixed", verify=False)
-    assert _sqnr(_run(mx.model, test_x), _run(r.model, test_x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)) > 60.0
-
-
-def test_cli_qdq_encoding(tmp_path, digits_model, digits_calib):
-    out = tmp_path / "q.onnx"
-    p = run_cli("convert", digits_model, out, "--calib", digits_calib, "--format", "qdq", "--act-quant",
-                "fixed", "--qdq-encoding", "int8", "--quiet", "--no-verify")
-    assert p.returncode == 0, p.stderr
-    types = {t.data_type for t in onnx.load(str(out)).graph.initializer if t.name.endswith(".weight_q")}
-    assert types == {onnx.TensorProto.INT8}
-    p = run_cli("convert", digits_model, out, "--calib", digits_calib, "--qdq-encoding", "u4")
-    assert p.returncode == 2 and "Traceback" not in p.stderr

@@ -1,0 +1,245 @@
+"""The qdq format's integer encodings: exact in onnxruntime on every x86 CPU, int8 in OpenVINO.
+
+On x86 CPUs without VNNI, onnxruntime's fused U8S8 kernels add two adjacent uint8 x int8
+products into a saturating int16 (VPMADDUBSW). These tests check the encoding itself, so they
+fail on an unsafe encoding whatever CPU runs them, and emulate the AVX2 kernel's pair sums in
+numpy on the file's real layer inputs; the fused-vs-unfused comparison catches the symptom on
+CPUs where it shows.
+"""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import mxqn_onnx
+from mxqn_onnx.quant import quantizers as Q
+
+from conftest import run_cli
+
+ALL, NONE = ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, level=ALL, outputs=None) -> list:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return s.run(outputs, {"input": x})
+
+
+@pytest.fixture(scope="module")
+def test_x(digits_test):
+    return np.load(digits_test)["input"][:200]
+
+
+_INT16_MAX = 2 ** 15 - 1
+
+
+def _fused_layer_operands(model: onnx.ModelProto):
+    """(layer, activation codes range, activation type, weight codes, weight type) per QDQ layer."""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        x_dq, w_dq = producer.get(n.input[0]), producer.get(n.input[1])
+        if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        q = producer[x_dq.input[0]]
+        assert q.op_type == "QuantizeLinear"
+        act_zp = inits[q.input[2]]
+        lo, hi = (0, 255) if act_zp.dtype == np.uint8 else (-128, 127)
+        clip = producer.get(q.input[0])
+        if clip is not None and clip.op_type == "Clip":  # narrower than the container
+            scale = float(inits[q.input[1]])
+            lo = max(lo, int(round(float(inits[clip.input[1]]) / scale)) + int(act_zp))
+            hi = min(hi, int(round(float(inits[clip.input[2]]) / scale)) + int(act_zp))
+        w_codes = inits[w_dq.input[0]]
+        w_zp = inits[w_dq.input[2]] if len(w_dq.input) > 2 else np.zeros((), w_codes.dtype)
+        out.append((n.name, (lo, hi), act_zp.dtype, w_codes.astype(np.int64), w_codes.dtype,
+                    w_zp.astype(np.int64)))
+    return out
+
+
+def _int16_pair_safe(act_range, act_type, w_codes, w_type) -> bool:
+    """Whether the layer's fused product is exact on every x86 CPU.
+
+    U8U8 runs on int16-widened operands (exact). For U8S8 the raw uint8 codes a in act_range
+    meet raw int8 codes w: every pair a1*w1 + a2*w2 must fit int16.
+    """
+    if act_type == np.uint8 and w_type == np.uint8:
+        return True
+    if act_type == np.uint8 and w_type == np.int8:
+        top2 = np.sort(np.abs(w_codes).ravel())[-2:].sum()
+        return act_range[1] * top2 <= _INT16_MAX
+    return False  # S8S8 is not claimed exact
+
+
+def _im2col_rows(a: np.ndarray, node: onnx.NodeProto, kshape, pad_code: int) -> np.ndarray:
+    """Rows of a Conv's input patches, each in (kh, kw, cin) order (MLAS's channels-last im2col);
+    padding takes the raw code of the zero point."""
+    att = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    assert att.get("group", 1) == 1 and set(att.get("dilations", [1, 1])) == {1}
+    kh, kw = kshape
+    pads, strides = att.get("pads", [0, 0, 0, 0]), att.get("strides", [1, 1])
+    a = np.pad(a, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=pad_code)
+    n, c, h, w = a.shape
+    oh, ow = (h - kh) // strides[0] + 1, (w - kw) // strides[1] + 1
+    cols = np.empty((n, oh, ow, kh, kw, c), a.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            patch = a[:, :, i:i + strides[0] * oh:strides[0], j:j + strides[1] * ow:strides[1]]
+            cols[:, :, :, i, j, :] = patch.transpose(0, 2, 3, 1)
+    return cols.reshape(n * oh * ow, kh * kw * c)
+
+
+def _saturating_pairs(model: onnx.ModelProto, x: np.ndarray) -> int:
+    """How many adjacent uint8 x int8 product pairs leave int16 on ``x`` (an AVX2 emulation).
+
+    The raw uint8 activation codes come from the file's own QuantizeLinear outputs (onnxruntime,
+    no fusion); each fused layer's K axis is ordered as MLAS packs it and summed in pairs.
+    """
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    layers = _fused_layer_operands(model)
+    q_outs = [producer[producer[nodes[name].input[0]].input[0]].output[0] for name, *_ in layers]
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in q_outs:
+        m.graph.output.append(onnx.ValueInfoProto(name=t))
+    codes = dict(zip(q_outs, _run(m, x, NONE, q_outs)))
+    bad = 0
+    for (name, _, act_type, w, w_type, w_zp), q in zip(layers, q_outs):
+        if not (act_type == np.uint8 and w_type == np.int8):
+            continue  # U8U8 is widened to int16 operands: no pair sums
+        node, a = nodes[name], codes[q].astype(np.int64)
+        if node.op_type == "Conv":
+            pad_code = int(inits[producer[q].input[2]])  # the QuantizeLinear's zero point
+            rows = _im2col_rows(a, node, w.shape[2:], pad_code)
+            cols = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1).T  # (K, Cout), same K order
+        else:
+            rows, cols = a.reshape(a.shape[0], -1), (w.T if _trans_b(node) else w)
+        k = rows.shape[1] - rows.shape[1] % 2
+        pair = rows[:, 0:k:2, None] * cols[None, 0:k:2] + rows[:, 1:k:2, None] * cols[None, 1:k:2]
+        bad += int(np.count_nonzero((pair > Q.INT16_MAX) | (pair < -Q.INT16_MAX - 1)))
+    return bad
+
+
+def _signed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its uint8 (zero point 128) weight codes stored as int8 with zero point 0."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.name.endswith((".weight_q", ".weight_zero_point")) and t.data_type == onnx.TensorProto.UINT8:
+            v = onnx.numpy_helper.to_array(t).astype(np.int64) - 128
+            t.CopyFrom(onnx.numpy_helper.from_array(v.astype(np.int8), t.name))
+    return m
+
+
+def _trans_b(node) -> bool:
+    return any(a.name == "transB" and a.i == 1 for a in node.attribute)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(wbits=7), dict(abits=7), dict(wbits=6, abits=6),
+                                dict(weight_granularity="tensor")])
+def test_default_encoding_cannot_saturate_int16_pairs(digits_model, digits_calib, test_x, kw):
+    r = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", verify=False, **kw)
+    layers = _fused_layer_operands(r.model)
+    assert len(layers) == len(r.layers)  # every layer has QDQ operands
+    for name, act_range, act_type, w_codes, w_type, w_zp in layers:
+        # signed weights with zero point 0 (what OpenVINO runs in int8), within the pair bound
+        assert w_type == np.int8 and np.all(w_zp == 0), name
+        assert _int16_pair_safe(act_range, act_type, w_codes, w_type), name
+    # only layers whose 8-bit codes could saturate are held to 7 bits, and the report says so
+    for d in r.layers:
+        held = any("int16 pair" in n for n in d.notes)
+        assert d.weight.bits == (7 if held else kw.get("wbits", 8))
+    # an emulation of the AVX2 kernel's pair sums on real inputs never saturates
+    assert _saturating_pairs(r.model, test_x[:4]) == 0
+    # and on this CPU (whatever it is) the fused kernels compute the file's own unfused graph
+    ref, got = _run(r.model, test_x, NONE)[0], _run(r.model, test_x, ALL)[0]
+    assert Q.sqnr_of(ref, got) > 60.0
+    assert np.mean(ref.argmax(1) == got.argmax(1)) == 1.0
+
+
+def test_8bit_codes_are_held_to_7_bits_only_where_the_pair_bound_fails(digits_model, digits_calib):
+    w8 = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", verify=False)
+    w7a = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", abits=7, verify=False)
+    # 7-bit unsigned activations (codes <= 127) leave room for full 8-bit weights where unsigned
+    unsigned = [d for d in w7a.layers if not d.act.signed]
+    assert unsigned and all(d.weight.bits == 8 for d in unsigned)
+    # 8-bit activations against 8-bit codes: the shipped model's layers all need the 7-bit hold
+    assert {d.weight.bits for d in w8.layers} == {7}
+
+
+def test_uint8_encoding_keeps_8bit_codes_as_uint8_where_int8_could_saturate(digits_model, digits_calib):
+    kw = dict(format="qdq", verify=False)
+    w8 = mxqn_onnx.quantize(digits_model, digits_calib, qdq_encoding="uint8", **kw)
+    w7 = mxqn_onnx.quantize(digits_model, digits_calib, qdq_encoding="uint8", wbits=7, **kw)
+    # 8-bit weights against 8-bit activations could overflow: U8U8; 7-bit weights cannot: int8 kept
+    assert {t for _, _, _, _, t, _ in _fused_layer_operands(w8.model)} == {np.dtype(np.uint8)}
+    assert {t for _, _, _, _, t, _ in _fused_layer_operands(w7.model)} == {np.dtype(np.int8)}
+    # signed activations (the normalised input) are offset into uint8 as well
+    assert {t for _, _, t, _, _, _ in _fused_layer_operands(w8.model)} == {np.dtype(np.uint8)}
+    # the offset codes are the signed codes + 128: same weights after dequantization
+    legacy = mxqn_onnx.quantize(digits_model, digits_calib, qdq_encoding="int8", **kw)
+    for (_, _, _, a, _, za), (_, _, _, b, _, zb) in zip(_fused_layer_operands(w8.model),
+                                                        _fused_layer_operands(legacy.model)):
+        shape = (-1,) + (1,) * (a.ndim - 1) if za.ndim else ()
+        np.testing.assert_array_equal(a - za.reshape(shape), b - zb.reshape(shape))
+
+
+def test_int8_encoding_is_the_unsafe_one_the_checks_catch(digits_model, digits_calib, test_x):
+    """The signed encoding breaks the int16 pair bound, so the checks above can fail."""
+    r = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", verify=False, qdq_encoding="int8")
+    layers = _fused_layer_operands(r.model)
+    assert not all(_int16_pair_safe(a, at, w, wt) for _, a, at, w, wt, _ in layers)
+    # full-range int8 weights against the uint8 activations: the emulation sees real pairs saturate
+    u8 = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", verify=False, qdq_encoding="uint8")
+    assert _saturating_pairs(_signed_weights(u8.model), test_x[:4]) > 0
+    # and it is still exact where no fusion happens
+    mx = mxqn_onnx.quantize(digits_model, digits_calib, act_quant="fixed", verify=False)
+    assert Q.sqnr_of(_run(mx.model, test_x)[0], _run(r.model, test_x, NONE)[0]) > 60.0
+
+
+def test_cli_qdq_encoding(tmp_path, digits_model, digits_calib):
+    out = tmp_path / "q.onnx"
+    p = run_cli("convert", digits_model, out, "--calib", digits_calib, "--format", "qdq", "--act-quant",
+                "fixed", "--qdq-encoding", "int8", "--quiet", "--no-verify")
+    assert p.returncode == 0, p.stderr
+    types = {t.data_type for t in onnx.load(str(out)).graph.initializer if t.name.endswith(".weight_q")}
+    assert types == {onnx.TensorProto.INT8}
+    p = run_cli("convert", digits_model, out, "--calib", digits_calib, "--qdq-encoding", "u4")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_layer_output_quantizers_let_onnxruntime_fuse_convs_before_hardswish_and_add(tmp_path):
+    from graph_helpers import NETS, digits
+
+    model = str(NETS / "mobile_torchscript_op17.onnx")  # convs feeding HardSwish, Clip and Add
+    x = digits(2)[:48]
+    calib = {"image": x}
+
+    def fused(m):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return sum(n.op_type in ("QLinearConv", "QGemm", "QLinearMatMul")
+                   for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+
+    plain = mxqn_onnx.quantize(model, calib, format="qdq", verify=False)
+    outs = mxqn_onnx.quantize(model, calib, format="qdq", verify=False, qdq_layer_outputs=True)
+    n_plain, n_outs = fused(plain.model), fused(outs.model)
+    assert n_outs > n_plain and n_outs >= len(outs.layers) - 1  # every layer but the output one
+    # the new quantizers are fixed point, chosen like the others, and written only where needed
+    extra = set(outs.activations) - set(plain.activations)
+    assert extra and all(outs.activations[t].kind == "fixed" for t in extra)
+    # still exact in onnxruntime: fused equals the unfused graph of the same file
+    s = ort.InferenceSession(outs.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = NONE
+    u = ort.InferenceSession(outs.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {s.get_inputs()[0].name: x}
+    assert Q.sqnr_of(u.run(None, feed)[0], s.run(None, feed)[0]) > 60.0
