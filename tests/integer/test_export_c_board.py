@@ -5,6 +5,8 @@ Skipped only where the cross toolchain or QEMU is missing (.ci/run installs them
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -59,6 +61,18 @@ def test_cli_board_summary_prints_flash_and_ram(tmp_path):
     assert p.returncode == 0, p.stderr
     assert sorted(f.name for f in (tmp_path / "c").iterdir()) == ["main.c", "model.c", "model.h",
                                                                  "mxqn-export.json", "notes.txt"]
+
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def test_shipped_zoo_vgg16_on_the_board_is_bit_identical_to_the_host(tmp_path):
+    """The zoo's VGG16 that ships in models/ (32x32 digits), so CI runs it without training."""
+    model = mxqn_onnx.quantize(MODELS / "digits32_vgg16.onnx", MODELS / "digits32_calib.npz", **FAST,
+                               act_quant="fixed").model
+    x = np.load(MODELS / "digits32_test.npz")["input"][:2]
+    info, insns = _board_vs_host(model, x, tmp_path / "vgg16")
+    assert insns >= info["macs"]
 
 
 ZOO_NET = ZOO / "digits_resnet18.onnx"
