@@ -21,10 +21,9 @@ DEPTHWISE_SHIFTS = ("auto", "on", "off")
 BIAS_MEANS = ("auto", "data", "batchnorm")
 #: under rounding="auto", data-aware rounding is used at or below this weight width, and at
 #: any width when the whole model's rounding is estimated under AUTO_ROUNDING_BUDGET
-#: multiply-adds (a few seconds on two cores: small models, where it gains 2-5 dB at 8 bits;
-#: the digits VGG16 at 3.4e10 +2.3 dB, the digits ResNet18 at 5.7e10 +4.9 dB, measured)
+#: multiply-adds (about a second on two cores: small models, where it gains 2-4 dB at 8 bits)
 AUTO_ROUNDING_MAX_BITS = 6
-AUTO_ROUNDING_BUDGET = 6e10
+AUTO_ROUNDING_BUDGET = 2e10
 
 
 @dataclass
