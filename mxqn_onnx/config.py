@@ -106,7 +106,8 @@ class QuantConfig:
             layers in float) or ``int8`` (signed, zero point 0 everywhere: what TensorRT
             accepts; exact in onnxruntime only with VNNI or on Arm).
         qdq_layer_outputs: under ``qdq``, also quantize (fixed point, by SQNR) each layer output
-            that no quantizer follows yet (a conv feeding HardSwish, a residual Add), so that
+            that no quantizer follows yet (a conv feeding HardSwish, a residual Add; not the
+            network's head, whose output reaches a graph output through float ops only), so that
             onnxruntime fuses the layer into an integer kernel; more quantization noise, and
             OpenVINO runs those layers in int8 without it.
 
