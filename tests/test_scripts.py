@@ -19,8 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 
-# the training scripts need torch, which the light test install leaves out:
-# pip install -e ".[test,train]" && pytest -q tests/test_scripts.py (CI runs both)
+# minutes of training, apart from the main suite, and torch, which the light test install
+# leaves out: pip install -e ".[test,train]" && pytest -q -m slow (CI runs both)
+pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch", reason="the training scripts need torch: pip install -e '.[train]'")
 
 

@@ -121,6 +121,7 @@ def test_default_conversion_of_the_orientation_network_keeps_its_answers():
     assert tp.orientation_top1(res.model, x, y) == 1.0
 
 
+@pytest.mark.slow
 def test_default_conversion_of_the_layout_detector_is_checked_and_keeps_its_boxes():
     """W8A8 default on the PicoDet detector, 8 calibration pages: the held-back check runs
     (2 pages), keeps the best candidate, and the boxes stay close to FP32's."""
@@ -138,6 +139,7 @@ def test_default_conversion_of_the_layout_detector_is_checked_and_keeps_its_boxe
     assert s.head_sqnr_db > 11.0 and s.f1 >= 0.6
 
 
+@pytest.mark.slow
 def test_depthwise_shifts_lift_the_layout_detector():
     """``depthwise_shift`` on the same conversion: the hard-swish outputs feeding its 37
     depthwise convs get per-channel power-of-two shifts (exact in FP32)."""

