@@ -391,16 +391,11 @@ def _dispatch(data, specs, batch_size, preprocess, image_size, random_count) -> 
 #: candidate best on the 540-image test split was kept 20 times of 30 from 8 held-back samples
 #: (mean loss 0.10 dB), 24 from 16 (0.05 dB), 26 from 32 (0.04 dB)
 HELD_BACK_MIN, HELD_BACK_MAX = 2, 32
-#: ... but above HELD_BACK_BASE only while the held-back inputs stay within this many values,
-#: as every candidate runs on them (a 224x224 ResNet-50 keeps 8, a 32x32 image net gets 32)
-HELD_BACK_BASE, HELD_BACK_VALUES = 8, 2 ** 20
 
 
 def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
     """How many of the first calibration samples are held back (0: no check).
 
-    A quarter of the samples, from HELD_BACK_MIN up to HELD_BACK_MAX (HELD_BACK_BASE for
-    inputs of more than HELD_BACK_VALUES / HELD_BACK_MAX values or of unknown size).
     Only where the check can run: verification on, uniform widths (mixed precision measures
     its own candidates), a known sample count of at least 4 * HELD_BACK_MIN, and something
     data-derived to check (bias correction from data means, data-aware rounding, or the
@@ -414,11 +409,7 @@ def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
         return 0
     if not config.bias_correction and config.rounding == "nearest" and not shifts:
         return 0
-    per_sample = [int(np.prod(sp.shape[1:])) if sp.shape and all(d for d in sp.shape[1:]) else None
-                  for sp in source.specs]
-    values = sum(per_sample) if per_sample and None not in per_sample else 0
-    most = int(min(HELD_BACK_MAX, max(HELD_BACK_BASE, HELD_BACK_VALUES // values))) if values else HELD_BACK_BASE
-    count = int(min(most, max(HELD_BACK_MIN, total // 4)))
+    count = int(min(HELD_BACK_MAX, max(HELD_BACK_MIN, total // 4)))
     b = fixed_batch(source.specs) or 1  # whole batches only, where the model fixes the batch size
     count = -(-count // b) * b
     return count if total >= 4 * count else 0
