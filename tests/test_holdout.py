@@ -95,9 +95,10 @@ def test_holdout_flag_is_validated():
         mxqn_onnx.quantize(_conv_net(), "random", holdout="yes")
 
 
-def test_held_back_count_grows_with_the_calibration_set_up_to_32():
-    """A quarter of the calibration samples, 2 to 32 (scripts/bench_holdout.py: the test-best
-    candidate was kept 20 times of 30 from 8 held-back samples, 26 from 32)."""
+def test_held_back_count_grows_with_the_calibration_set_up_to_8():
+    """A quarter of the calibration samples, 2 to 8. (scripts/bench_holdout.py: 32 held back
+    chose better among the candidates, but the candidates, fitted on fewer samples, measured
+    worse on the digits CNN's test split: W4A4 17.7 -> 16.7 dB, W8A8 41.1 -> 40.8 dB.)"""
     from mxqn_onnx.calibration.data import HELD_BACK_MAX, held_back_count
     from mxqn_onnx.config import QuantConfig
 
@@ -107,17 +108,17 @@ def test_held_back_count_grows_with_the_calibration_set_up_to_32():
     for n in (7, 8, 20, 64, 100, 256, 1000):
         source = make_source({"x": np.zeros((n, 8, 6, 6), np.float32)}, specs, 16)
         counts[n] = held_back_count(QuantConfig(), source)
-    assert counts == {7: 0, 8: 2, 20: 5, 64: 16, 100: 25, 256: 32, 1000: 32}
-    assert HELD_BACK_MAX == 32
+    assert counts == {7: 0, 8: 2, 20: 5, 64: 8, 100: 8, 256: 8, 1000: 8}
+    assert HELD_BACK_MAX == 8
     # capped by calib_count, and nothing to check: nothing held back
     source = make_source({"x": np.zeros((256, 8, 6, 6), np.float32)}, specs, 16)
-    assert held_back_count(QuantConfig(calib_count=40), source) == 10
+    assert held_back_count(QuantConfig(calib_count=20), source) == 5
     assert held_back_count(QuantConfig(bias_correction=False, rounding="nearest"), source) == 0
 
 
-def test_held_back_samples_of_a_large_calibration_set_are_the_first_32(digits_model, digits_calib):
-    """256 digits: 32 held back, and every candidate measured on all of them."""
+def test_held_back_samples_of_a_large_calibration_set_are_the_first_8(digits_model, digits_calib):
+    """256 digits: 8 held back, and every candidate measured on all of them."""
     res = mxqn_onnx.quantize(digits_model, digits_calib, wbits=4, abits=8)
-    assert res.holdout["held_back_samples"] == 32
-    assert res.held_back_comparison.samples == 32
-    assert res.comparison.samples >= 32
+    assert res.holdout["held_back_samples"] == 8
+    assert res.held_back_comparison.samples == 8
+    assert res.comparison.samples >= 8

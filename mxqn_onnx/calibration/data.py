@@ -386,11 +386,8 @@ def _dispatch(data, specs, batch_size, preprocess, image_size, random_count) -> 
     )
 
 
-#: held-back samples: a quarter of the calibration set, within these bounds. Measured
-#: (scripts/bench_holdout.py, 30 conversions of two digits networks at W8A8/W4A8/W4A4): the
-#: candidate best on the 540-image test split was kept 20 times of 30 from 8 held-back samples
-#: (mean loss 0.10 dB), 24 from 16 (0.05 dB), 26 from 32 (0.04 dB)
-HELD_BACK_MIN, HELD_BACK_MAX = 2, 32
+#: held-back samples: a quarter of the calibration set, within these bounds
+HELD_BACK_MIN, HELD_BACK_MAX = 2, 8
 
 
 def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
