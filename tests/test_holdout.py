@@ -96,9 +96,9 @@ def test_holdout_flag_is_validated():
 
 
 def test_held_back_count_grows_with_the_calibration_set_up_to_8():
-    """A quarter of the calibration samples, 2 to 8. (scripts/bench_holdout.py: 32 held back
-    chose better among the candidates, but the candidates, fitted on fewer samples, measured
-    worse on the digits CNN's test split: W4A4 17.7 -> 16.7 dB, W8A8 41.1 -> 40.8 dB.)"""
+    """A quarter of the calibration samples, 2 to 8 (32 chose better among the candidates, but
+    the candidates, fitted on fewer samples, moved both ways on the digits CNN's test split:
+    docs/BENCHMARKS.md)."""
     from mxqn_onnx.calibration.data import HELD_BACK_MAX, held_back_count
     from mxqn_onnx.config import QuantConfig
 
