@@ -184,14 +184,20 @@ def add_producer_quantizers(graph: gs.Graph, qdq_acts: Dict[str, ActDecision], f
         first = chain[-1]  # the op right after the producer
         if first.op == "Relu" and not dec.signed and len(first.outputs[0].outputs) == 1:
             y = first.outputs[0]
-        readers = list(y.outputs)
-        dq = quantize_activation(graph, y, dec, opset, retype, suffix="out_qdq", encoding=encoding)
-        for node in readers:
-            for i, inp in enumerate(node.inputs):
-                if inp is y:
-                    node.inputs[i] = dq
+        _quantize_for_readers(graph, y, dec, opset, retype, encoding)
         done.append(producer.name)
     return done
+
+
+def _quantize_for_readers(graph: gs.Graph, y: gs.Variable, dec: ActDecision, opset: int,
+                          retype: Dict[str, Container], encoding: str) -> None:
+    """A QDQ pair on a layer output ``y``, read by every node that read ``y``."""
+    readers = list(y.outputs)
+    dq = quantize_activation(graph, y, dec, opset, retype, suffix="out_qdq", encoding=encoding)
+    for node in readers:
+        for i, inp in enumerate(node.inputs):
+            if inp is y:
+                node.inputs[i] = dq
 
 
 def quantize_layer_outputs(graph: gs.Graph, acts: Dict[str, ActDecision], fusable: Set[str], opset: int,
@@ -234,11 +240,6 @@ def quantize_layer_outputs(graph: gs.Graph, acts: Dict[str, ActDecision], fusabl
         if any(r.op == "QuantizeLinear" for r in y.outputs) or \
                 all(r.op == "Relu" and quantized(r.outputs[0]) for r in y.outputs) or reaches_output(y):
             continue
-        readers = list(y.outputs)
-        dq = quantize_activation(graph, y, dec, opset, retype, suffix="out_qdq", encoding=encoding)
-        for r in readers:
-            for i, inp in enumerate(r.inputs):
-                if inp is y:
-                    r.inputs[i] = dq
+        _quantize_for_readers(graph, y, dec, opset, retype, encoding)
         done.append(node.name)
     return done
