@@ -28,6 +28,7 @@ from .calibration.data import (CalibrationLike, DataSource, first_samples, held_
 from .calibration.observers import ReferenceOutputs, TensorHistogram, TensorSample
 from .config import QuantConfig
 from .errors import MxqnError
+from .graph import qdq
 from .graph.layers import Layer, Skipped, find_layers, keep_ends_in_float
 from .graph.loading import (MIN_OPSET, ModelLike, export_fp32, export_fp32_stubbed, load_model,
                             normalise, raise_opset, with_weights_left_in_file)
@@ -310,8 +311,8 @@ def _calibrate(prepared: _Prepared, layers: List[Layer], source: DataSource, sou
     # with depthwise shifts on trial, the unshifted tensors too (read by the Muls of the shifts)
     all_layers = layers + (_layers_of(prepared.unshifted, config) if prepared.unshifted is not None else [])
     tensors = list(dict.fromkeys(l.data.name for l in all_layers))
-    if config.format == "qdq" and config.qdq_layer_outputs:  # output quantizers (choose_all)
-        tensors = list(dict.fromkeys(tensors + [l.node.outputs[0].name for l in all_layers]))
+    if config.quantizes_layer_outputs:  # output quantizers (choose_all)
+        tensors = list(dict.fromkeys(tensors + [l.output.name for l in all_layers]))
     keep = 0 if source.reiterable else config.verify_count
     if config.allocation_mode is not None and not source.reiterable:
         keep = max(keep, config.probe_count)  # the sensitivity probe needs batches too
@@ -363,19 +364,28 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     used_bc = any(d.bias_correction for d in default.layers)
     used_rounding = any(d.weight.rounding != "nearest" for d in default.layers)
     unshifted = prepared.unshifted
-    # shifts asked for ("on") are no data-derived default: the plain candidate keeps them
+    # layer-output quantizers (qdq) are for the runtime's fused kernels, not the paper's method
+    pairs = qdq.layer_output_pairs(default.model)
+    outputs_on_trial = config.qdq_layer_outputs == "auto" and pairs > 0
+    # what was asked for ("on") is no data-derived default: the plain candidate keeps it
     plain = dataclasses.replace(config, bias_correction=False, rounding="nearest", act_objective="tensor",
-                                depthwise_shift="off" if unshifted is not None else config.depthwise_shift)
+                                depthwise_shift="off" if unshifted is not None else config.depthwise_shift,
+                                qdq_layer_outputs="off" if outputs_on_trial else config.qdq_layer_outputs)
     variants: List[Tuple[str, Optional[QuantConfig], gs.Graph]] = [("default", None, graph)]
     if used_bc:
         variants.append(("no bias correction", dataclasses.replace(config, bias_correction=False), graph))
+    if outputs_on_trial:
+        variants.append(("no layer-output quantizers", dataclasses.replace(config, qdq_layer_outputs="off"), graph))
+    refined = used_bc or used_rounding or config.act_objective != "tensor"
     if unshifted is not None:
         variants.append(("no depthwise shift", dataclasses.replace(config, depthwise_shift="off"), unshifted))
-        if used_bc or used_rounding or config.act_objective != "tensor":
+        if refined or outputs_on_trial:
             variants.append(("paper", plain, unshifted))
-    elif used_rounding or (used_bc and config.act_objective != "tensor"):
+    elif used_rounding or (used_bc and config.act_objective != "tensor") or (outputs_on_trial and refined):
         variants.append(("paper", plain, graph))
     record: dict = {"held_back_samples": stats.held_back, "sqnr_db": {}, "kept": "default"}
+    if pairs:  # how many the default had, and how many the kept model has
+        record["layer_output_quantizers"] = {"default": pairs, "written": pairs}
     if len(variants) == 1:
         record["note"] = "nothing data-derived to check"
         default.holdout = record
@@ -384,7 +394,8 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     # every candidate has these layers (shifts change no shape), so this rounding cost
     cost = model_rounding_cost(_layers_of(graph, config))
     # the default's choices, for the candidates that only drop bias correction from them
-    chosen = {_choice_key(graph, config, cost): (default.layers, default.activations)}
+    chosen = {_choice_key(graph, config, cost): (default.layers, default.activations,
+                                                 config.quantizes_layer_outputs)}
     best, best_db, session = default, None, None
     # the default goes last, winning ties: its session, the last made, then serves verification
     for name, cfg, base in variants[1:] + variants[:1]:
@@ -404,6 +415,8 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
         if best_db is None or c.output_sqnr_db > best_db or (cfg is None and c.output_sqnr_db >= best_db):
             best, best_db, record["kept"], best_c = cand, c.output_sqnr_db, name, c
     record["sqnr_db"] = {name: record["sqnr_db"][name] for name, _, _ in variants}  # in the report's order
+    if pairs:
+        record["layer_output_quantizers"]["written"] = qdq.layer_output_pairs(best.model)
     best.holdout = record
     best.held_back_comparison = best_c  # verification goes on from it
     set_metadata(best.model, best.decisions())
@@ -411,9 +424,10 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
 
 
 def _choice_key(graph: gs.Graph, config: QuantConfig, cost: float) -> tuple:
-    """What a candidate's choices depend on, bias correction aside (``auto`` rounding that
-    rounds no layer with data, in a model of rounding cost ``cost``, is round to nearest)."""
-    d = {**config.to_dict(), "bias_correction": None, "depthwise_shift": None}
+    """What a candidate's choices depend on, bias correction and layer-output quantizers aside
+    (``auto`` rounding that rounds no layer with data, in a model of rounding cost ``cost``,
+    is round to nearest)."""
+    d = {**config.to_dict(), "bias_correction": None, "depthwise_shift": None, "qdq_layer_outputs": None}
     widths = {config.wbits} | ({config.keep_bits} if config.keep_first or config.keep_last else set())
     if config.rounding == "auto" and not any(config.rounds_with_data(b, cost) for b in widths):
         d["rounding"] = "nearest"
@@ -422,15 +436,22 @@ def _choice_key(graph: gs.Graph, config: QuantConfig, cost: float) -> tuple:
 
 def _choose_candidate(layers: List[Layer], graph: gs.Graph, config: QuantConfig, stats: "_Statistics",
                       chosen: dict, cost: float) -> Tuple[List[LayerDecision], Dict[str, ActDecision]]:
-    """A held-back candidate's decisions; one that only drops bias correction from a candidate
-    already chosen on the same graph takes its choices (:func:`without_bias_correction`)."""
+    """A held-back candidate's decisions. One that only drops bias correction or the
+    layer-output quantizers from a candidate already chosen on the same graph takes its
+    choices (:func:`without_bias_correction`; the output quantizers are extra entries of the
+    activations, which no layer's choice depends on)."""
     key = _choice_key(graph, config, cost)
-    if not config.bias_correction and key in chosen:
-        decisions, acts = chosen[key]
-        return without_bias_correction(decisions, layers), acts
+    if key in chosen and (chosen[key][2] or not config.quantizes_layer_outputs):
+        decisions, acts, _ = chosen[key]
+        if not config.bias_correction:
+            decisions = without_bias_correction(decisions, layers)
+        if not config.quantizes_layer_outputs:
+            inputs = {layer.data.name for layer in layers}
+            acts = {t: a for t, a in acts.items() if t in inputs}
+        return decisions, acts
     decisions, acts = choose_all(layers, stats.hists, config, None, stats.samples, stats.means)
     if config.bias_correction:
-        chosen[key] = (decisions, acts)
+        chosen[key] = (decisions, acts, config.quantizes_layer_outputs)
     return decisions, acts
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from ._version import __version__
 from .calibration.data import PREPROCESSING
 from .config import (ACT_MODES, AUTO_ROUNDING_MAX_BITS, BIAS_MEANS, DEPTHWISE_SHIFTS, EQUALIZE, FORMATS,
-                     QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES, ROUNDINGS, SENSITIVITIES, QuantConfig)
+                     LAYER_OUTPUTS, QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES, ROUNDINGS, SENSITIVITIES, QuantConfig)
 from .errors import MxqnError
 from .writing import check_replaceable
 
@@ -118,9 +118,12 @@ def _add_convert(sub) -> None:
                         "(full 8-bit codes, uint8 with zero point 128 where int8 could saturate: exact "
                         "everywhere, onnxruntime only) or int8 (signed, zero point 0: for TensorRT; "
                         "exact in onnxruntime only with VNNI or on Arm)")
-    o.add_argument("--qdq-layer-outputs", action="store_true",
+    o.add_argument("--qdq-layer-outputs", choices=LAYER_OUTPUTS, nargs="?", const="on",
+                   default=QuantConfig.qdq_layer_outputs,
                    help="--format qdq: also quantize layer outputs no quantizer follows (a conv before "
-                        "HardSwish or a residual Add) so that onnxruntime fuses those layers too")
+                        "HardSwish or a residual Add) so that onnxruntime fuses those layers too; auto "
+                        "(default): unless the held-back samples measure the model without them as more "
+                        "accurate (the bare flag: on)")
     o.add_argument("--opset", type=int, default=None, metavar="N",
                    help="raise the output's opset to N (21+ stores <=4-bit weights as packed int4 "
                         "and allows 16-bit QDQ)")

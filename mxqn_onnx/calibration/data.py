@@ -395,8 +395,8 @@ def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
 
     Only where the check can run: verification on, uniform widths (mixed precision measures
     its own candidates), a known sample count of at least 4 * HELD_BACK_MIN, and something
-    data-derived to check (bias correction from data means, data-aware rounding, or the
-    depthwise input shifts when ``shifts``).
+    data-derived to check (bias correction from data means, data-aware rounding, the
+    depthwise input shifts when ``shifts``, or ``auto`` layer-output quantizers).
     """
     if not config.holdout or not config.verify or config.allocation_mode is not None:
         return 0
@@ -404,7 +404,8 @@ def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
         if (config.calib_count or source.total) else None
     if total is None or total < 4 * HELD_BACK_MIN:
         return 0
-    if not config.bias_correction and config.rounding == "nearest" and not shifts:
+    outputs = config.quantizes_layer_outputs and config.qdq_layer_outputs == "auto"
+    if not config.bias_correction and config.rounding == "nearest" and not shifts and not outputs:
         return 0
     count = int(min(HELD_BACK_MAX, max(HELD_BACK_MIN, total // 4)))
     b = fixed_batch(source.specs) or 1  # whole batches only, where the model fixes the batch size

@@ -44,6 +44,16 @@ class Layer:
             return None
         return np.asarray(self.node.inputs[self.bias_index].values)
 
+    @property
+    def output(self) -> gs.Variable:
+        """Where a quantizer of the layer's result goes: its output, or the output of a Relu
+        that alone reads it (non-negative there, so unsigned codes, one bit finer; onnxruntime
+        drops a Relu before an unsigned zero-point-0 QuantizeLinear and still fuses)."""
+        y = self.node.outputs[0]
+        if len(y.outputs) == 1 and y.outputs[0].op == "Relu" and y.outputs[0].outputs:
+            return y.outputs[0].outputs[0]
+        return y
+
 
 @dataclass
 class Skipped:

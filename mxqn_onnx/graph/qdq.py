@@ -35,12 +35,14 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..quant import quantizers as Q
 from ..quant.choose import ActDecision
 from .containers import Container, container_for
 from .functions import DOMAIN
+from .layers import Layer
 
 #: Ops through which a fixed-point quantizer can be moved unchanged: Q(op(x)) == op(Q(x))
 #: for a monotone Q with Q(0) = 0 and an op that only selects, reorders or clamps at 0.
@@ -189,34 +191,35 @@ def add_producer_quantizers(graph: gs.Graph, qdq_acts: Dict[str, ActDecision], f
     return done
 
 
+#: name suffix of the pairs :func:`quantize_layer_outputs` adds (see :func:`layer_output_pairs`)
+LAYER_OUTPUT_SUFFIX = "layer_out_qdq"
+
+
 def _quantize_for_readers(graph: gs.Graph, y: gs.Variable, dec: ActDecision, opset: int,
-                          retype: Dict[str, Container], encoding: str) -> None:
+                          retype: Dict[str, Container], encoding: str, suffix: str = "out_qdq") -> None:
     """A QDQ pair on a layer output ``y``, read by every node that read ``y``."""
     readers = list(y.outputs)
-    dq = quantize_activation(graph, y, dec, opset, retype, suffix="out_qdq", encoding=encoding)
+    dq = quantize_activation(graph, y, dec, opset, retype, suffix=suffix, encoding=encoding)
     for node in readers:
         for i, inp in enumerate(node.inputs):
             if inp is y:
                 node.inputs[i] = dq
 
 
-def quantize_layer_outputs(graph: gs.Graph, acts: Dict[str, ActDecision], fusable: Set[str], opset: int,
-                           retype: Dict[str, Container], encoding: str = "safe") -> List[str]:
+def quantize_layer_outputs(graph: gs.Graph, layers: List[Layer], acts: Dict[str, ActDecision], fusable: Set[str],
+                           opset: int, retype: Dict[str, Container], encoding: str = "safe") -> List[str]:
     """A QDQ pair on the output of each fusable layer that no quantizer follows yet.
 
-    ``acts`` holds the output quantizers chosen for it (``QuantConfig.qdq_layer_outputs``);
-    graph outputs and outputs already followed by a QuantizeLinear (directly or through a
-    Relu) are left alone, and so are outputs from which a graph output is reached through
-    float ops only (the network's head, e.g. the logits before a Softmax): no later quantizer
-    bounds their error, and the few largest values the SQNR choice lets clip are the ones a
-    Softmax keeps (the ResNet-50 cost net's output SQNR fell from 16.2 to 5.9 dB).
-    Returns the names of the layers given a pair.
+    ``acts`` holds the output quantizers chosen for them (``QuantConfig.qdq_layer_outputs``),
+    keyed by :attr:`Layer.output` (after a Relu that alone reads the layer). Graph outputs
+    and outputs already followed by a QuantizeLinear are left alone, and so are outputs from
+    which a graph output is reached through float ops only (the network's head, e.g. the
+    logits before a Softmax): no later quantizer bounds their error, and the few largest
+    values the SQNR choice lets clip are the ones a Softmax keeps (the ResNet-50 cost net's
+    output SQNR fell from 16.2 to 5.9 dB). Returns the names of the layers given a pair.
     """
     outputs = {t.name for t in graph.outputs}
     done = []
-
-    def quantized(t: gs.Variable) -> bool:
-        return bool(t.outputs) and all(r.op == "QuantizeLinear" for r in t.outputs)
 
     def reaches_output(t: gs.Variable) -> bool:
         """Whether a graph output is reached from ``t`` without passing an activation quantizer."""
@@ -232,14 +235,21 @@ def quantize_layer_outputs(graph: gs.Graph, acts: Dict[str, ActDecision], fusabl
                 todo.extend(o for o in r.outputs if isinstance(o, gs.Variable))
         return False
 
-    for node in [n for n in graph.nodes if n.name in fusable]:
-        y = node.outputs[0]
+    for layer in layers:
+        if layer.name not in fusable:
+            continue
+        y = layer.output
         dec = acts.get(y.name)
         if dec is None or dec.kind != "fixed" or y.name in outputs or not y.outputs or needs_clip(dec, opset):
             continue
-        if any(r.op == "QuantizeLinear" for r in y.outputs) or \
-                all(r.op == "Relu" and quantized(r.outputs[0]) for r in y.outputs) or reaches_output(y):
+        if any(r.op == "QuantizeLinear" for r in y.outputs) or reaches_output(y):
             continue
-        _quantize_for_readers(graph, y, dec, opset, retype, encoding)
-        done.append(node.name)
+        _quantize_for_readers(graph, y, dec, opset, retype, encoding, suffix=LAYER_OUTPUT_SUFFIX)
+        done.append(layer.name)
     return done
+
+
+def layer_output_pairs(model: onnx.ModelProto) -> int:
+    """How many layer-output QDQ pairs (:func:`quantize_layer_outputs`) a written model has."""
+    end = f"_{LAYER_OUTPUT_SUFFIX}_quantize"
+    return sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear" and n.name.endswith(end))

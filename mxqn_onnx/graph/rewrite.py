@@ -156,7 +156,7 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
             fusable.add(node.name)
     if fmt == "qdq":
         qdq.add_producer_quantizers(graph, qdq_acts, fusable, opset, retype, qdq_encoding)
-        qdq.quantize_layer_outputs(graph, acts, fusable, opset, retype, qdq_encoding)
+        qdq.quantize_layer_outputs(graph, layers, acts, fusable, opset, retype, qdq_encoding)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
     graph.opset = opset

@@ -428,11 +428,11 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
                                     _mean_in(il[1].data.name, hists, means), samples.get(il[1].data.name),
                                     cost, hists[il[1].data.name]),
             enumerate(layers)))
-    if config.format == "qdq" and config.qdq_layer_outputs:
+    if config.quantizes_layer_outputs:
         # a fixed-point quantizer on each layer output that other ops read (the rewrite puts it
         # only where no quantizer follows the layer yet), so the layer can fuse
         for i, layer in enumerate(layers):
-            y = layer.node.outputs[0]
+            y = layer.output
             if y.name not in acts and y.name in hists and y.outputs:
                 acts[y.name] = choose_activation(hists[y.name], bits_for[i][1], "fixed", config.log_margin_db)
     return decisions, acts

@@ -130,6 +130,11 @@ def summary_lines(report: dict) -> list:
         lines.append(f"depthwise input shifts: {dw['tensors']} tensors, {dw['convs']} convs; channels per shift "
                      f"{{{spread}}}")
     ho = report.get("holdout")
+    lo = (ho or {}).get("layer_output_quantizers")
+    if lo:
+        lines.append(f"layer-output quantizers (so that onnxruntime fuses those layers): {lo['written']} written"
+                     + ("" if lo["written"] else f" (the {lo['default']} tried were less accurate on held-back "
+                                                 f"samples)"))
     if ho and ho.get("sqnr_db"):
         each = ", ".join(f"{k} {_db(v)} dB" for k, v in ho["sqnr_db"].items())
         lines.append(f"checked on {ho['held_back_samples']} held-back calibration samples: {each}; "

@@ -13,9 +13,11 @@ import onnxruntime as ort
 import pytest
 
 import mxqn_onnx
+from mxqn_onnx.graph import qdq
 from mxqn_onnx.quant import quantizers as Q
+from mxqn_onnx.report.tables import summary_lines
 
-from conftest import run_cli
+from conftest import MODELS, run_cli
 
 ALL, NONE = ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
@@ -193,7 +195,8 @@ def test_uint8_encoding_keeps_8bit_codes_as_uint8_where_int8_could_saturate(digi
 
 def test_int8_encoding_is_the_unsafe_one_the_checks_catch(digits_model, digits_calib, test_x):
     """The signed encoding breaks the int16 pair bound, so the checks above can fail."""
-    r = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", verify=False, qdq_encoding="int8")
+    r = mxqn_onnx.quantize(digits_model, digits_calib, format="qdq", verify=False, qdq_encoding="int8",
+                           qdq_layer_outputs="off")  # so that it compares with the mxqn format below
     layers = _fused_layer_operands(r.model)
     assert not all(_int16_pair_safe(a, at, w, wt) for _, a, at, w, wt, _ in layers)
     # full-range int8 weights against the uint8 activations: the emulation sees real pairs saturate
@@ -229,7 +232,7 @@ def test_layer_output_quantizers_let_onnxruntime_fuse_convs_before_hardswish_and
         return sum(n.op_type in ("QLinearConv", "QGemm", "QLinearMatMul")
                    for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
 
-    plain = mxqn_onnx.quantize(model, calib, format="qdq", verify=False)
+    plain = mxqn_onnx.quantize(model, calib, format="qdq", verify=False, qdq_layer_outputs=False)
     outs = mxqn_onnx.quantize(model, calib, format="qdq", verify=False, qdq_layer_outputs=True)
     n_plain, n_outs = fused(plain.model), fused(outs.model)
     assert n_outs > n_plain and n_outs >= len(outs.layers) - 1  # every layer but the output one
@@ -262,5 +265,72 @@ def test_layer_output_quantizers_leave_the_head_alone():
     outs = mxqn_onnx.quantize(model, {"x": x}, format="qdq", verify=False, qdq_layer_outputs=True)
     readers = [n.op_type for n in outs.model.graph.node if "logits" in n.input]
     assert readers == ["Softmax"], readers
-    plain = mxqn_onnx.quantize(model, {"x": x}, format="qdq", verify=False)
+    plain = mxqn_onnx.quantize(model, {"x": x}, format="qdq", verify=False, qdq_layer_outputs="off")
     assert [n.op_type for n in plain.model.graph.node if "logits" in n.input] == ["Softmax"]
+
+
+def test_layer_output_quantizers_by_default_only_where_the_held_back_samples_keep_them(tmp_path):
+    # auto (the default): the held-back check measures the model with and without the
+    # layer-output quantizers, keeps the more accurate (a tie keeps them), and says so
+    from graph_helpers import NETS, digits
+
+    model = str(NETS / "mobile_torchscript_op17.onnx")
+    calib = {"image": digits(2)[:64]}
+    auto = mxqn_onnx.quantize(model, calib, format="qdq")
+    ho = auto.holdout
+    db = ho["sqnr_db"]
+    assert "no layer-output quantizers" in db and ho["layer_output_quantizers"]["default"] > 0
+    best = max(db.values())
+    assert db[ho["kept"]] == best and (ho["kept"] == "default" or db["default"] < best)
+    written = qdq.layer_output_pairs(auto.model)
+    assert ho["layer_output_quantizers"]["written"] == written
+    assert (written == 0) == (ho["kept"] in ("no layer-output quantizers", "paper"))
+    # the kept model's figure is its own on those samples (an independent run) ...
+    n = ho["held_back_samples"]
+    head = {"image": calib["image"][:n]}
+    fp = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, head)[0]
+    q = ort.InferenceSession(auto.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, head)[0]
+    assert abs(Q.sqnr_of(fp, q) - db[ho["kept"]]) < 0.1
+    # ... and the two candidates are the explicit conversions with and without them
+    for name, setting in (("default", "on"), ("no layer-output quantizers", "off")):
+        r = mxqn_onnx.quantize(model, calib, format="qdq", qdq_layer_outputs=setting)
+        assert r.holdout["held_back_samples"] == n
+        assert abs(r.holdout["sqnr_db"]["default"] - db[name]) < 0.01, (name, r.holdout, db)
+    # the summary says it
+    lines = "\n".join(summary_lines(auto.report()))
+    assert f"layer-output quantizers (so that onnxruntime fuses those layers): {written} written" in lines
+
+
+def test_layer_output_quantizer_after_a_relu_is_unsigned():
+    # the digits CNN's last conv feeds Relu -> GlobalAveragePool: the pair goes after the Relu,
+    # unsigned (zero point 0), where onnxruntime drops the Relu and fuses the conv
+    d = np.load(MODELS / "digits_calib.npz")
+    x = d[d.files[0]][:64]
+    r = mxqn_onnx.quantize(str(MODELS / "digits_cnn.onnx"), x, format="qdq", verify=False, qdq_layer_outputs="on")
+    qs = [n for n in r.model.graph.node if n.name.endswith(f"_{qdq.LAYER_OUTPUT_SUFFIX}_quantize")]
+    assert len(qs) == 1
+    producer = next(n for n in r.model.graph.node if qs[0].input[0] in n.output)
+    assert producer.op_type == "Relu"
+    zp = next(i for i in r.model.graph.initializer if i.name == qs[0].input[2])
+    assert onnx.numpy_helper.to_array(zp).item() == 0 and zp.data_type == onnx.TensorProto.UINT8
+    assert r.activations[qs[0].input[0]].signed is False
+
+
+def test_layer_outputs_setting_is_validated():
+    from mxqn_onnx.config import QuantConfig
+    from mxqn_onnx.errors import MxqnError
+
+    assert QuantConfig(qdq_layer_outputs=True).validate().qdq_layer_outputs == "on"
+    assert QuantConfig(qdq_layer_outputs=False).validate().qdq_layer_outputs == "off"
+    assert QuantConfig().validate().qdq_layer_outputs == "auto"
+    with pytest.raises(MxqnError, match="qdq_layer_outputs must be one of auto, on, off"):
+        QuantConfig(qdq_layer_outputs="sometimes").validate()
+
+
+@pytest.mark.parametrize("flag, pairs", [(["--qdq-layer-outputs"], 1), (["--qdq-layer-outputs", "off"], 0)])
+def test_cli_layer_outputs_flag(tmp_path, digits_model, digits_calib, flag, pairs):
+    out = tmp_path / "q.onnx"
+    p = run_cli("convert", digits_model, out, "--calib", digits_calib, "--format", "qdq", "--quiet", "--no-verify",
+                *flag)
+    assert p.returncode == 0, p.stderr
+    assert qdq.layer_output_pairs(onnx.load(str(out))) == pairs
