@@ -21,7 +21,7 @@ from typing import Callable, List
 
 import numpy as np
 
-from .c_depthwise import emit_depthwise
+from .c_depthwise import depthwise_scratch, emit_depthwise
 from .c_kernels import Consts, comment, ptr
 from .c_ops import Step, Val
 from .c_requant import fast_requant
@@ -48,7 +48,10 @@ static inline void mxqn_dot_2x2(const int16_t *w0, const int16_t *w1, const int1
     int32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
     uint32_t a, b, x, y, a2, b2, x2, y2;
     long i;
-    for (i = 0; i + 1 < n2; i += 2) { /* 16 MACs per 4 loads and 8 SMLADs */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+#pragma GCC unroll 4
+#endif
+    for (i = 0; i + 1 < n2; i += 2) { /* 16 MACs per 4 loads and 8 SMLADs (unrolled: no loop count between) */
         MXQN_LD2(c0, x, x2);
         MXQN_LD2(c1, y, y2);
         MXQN_LD2(w0, a, a2);
@@ -105,8 +108,8 @@ def fast_ok(s: Step) -> bool:
 
 
 def fast_scratch(p: dict) -> int:
-    """Bytes of the two int16 columns (none for a depthwise layer)."""
-    return 0 if is_depthwise(p) else 2 * 2 * (p["K"] + (p["K"] & 1))
+    """Bytes of the two int16 columns, or of a depthwise layer's padded plane."""
+    return depthwise_scratch(p) if is_depthwise(p) else 2 * 2 * (p["K"] + (p["K"] & 1))
 
 
 def is_depthwise(p: dict) -> bool:
@@ -123,7 +126,7 @@ def _gather(x: Val, p: dict, KP: int) -> List[str]:
     KH, KW, SH, SW, DH, DW, PT, PL = (conv[k] for k in ("KH", "KW", "SH", "SW", "DH", "DW", "PT", "PL"))
     if KH == KW == 1 and PT == PL == 0 and SH == SW == 1 and conv["OH"] == H and OW == W:
         # 1x1, stride 1: the column is the input's channel vector at the position
-        return [f"            const {x.ctype} *xp = x + (long)g * {CG * H * W}L + pp;",
+        return [f"            const {x.ctype} *xp = x + (long)g * {CG * H * W}L + pp; /* 1x1: the channel vector */",
                 f"            for (e = 0; e < {CG}L; e++) cj[e] = (int16_t)xp[e * {H * W}L];"]
     if KW <= 8:  # the window's row copied with the column offsets as constants
         row = " ".join(f"cj[e + {kx}] = (int16_t)xr[{kx * DW}];" for kx in range(KW))
@@ -175,7 +178,7 @@ def emit_fast_layer(consts: Consts, s: Step, fname: str, generic_epilogue: Calla
             epilogue = [line.replace("v = (int64_t)sum;", "v = sum;").replace("mxqn_fixq(", "mxqn_fixq32(")
                         for line in epilogue]
     if is_depthwise(p):
-        return emit_depthwise(consts, s, fname, epilogue, rq, narrow)
+        return emit_depthwise(consts, s, fname, epilogue, rq, narrow, col_offset)
     w = np.zeros((O, KP), np.int64)
     w[:, :K] = p["w"]
     wname = consts.array("int16_t", w, "w16", f"{p['layer']}: {p['wbits']}-bit weights as int16 [{O}][{KP}]",

@@ -162,3 +162,17 @@ def fast_requant(consts: Consts, s: Step, idx: str = "o") -> Optional[FastRequan
     pc = lambda vals, pre: (lit(vals[0]) if len(set(vals)) == 1  # noqa: E731
                             else f"{consts.array('int32_t', vals, pre)}[{idx}]")
     return FastRequant(bh=pc(bh, "rqb"), s=shift_c, lo=pc(lo, "rqlo"), hi=pc(hi, "rqhi"), ctype=y.ctype)
+
+
+def quant_rq(consts: Consts, x, y, p: dict) -> Optional[str]:
+    """A quantizer step on int32 values (``x[i]``, channel ``c``) as one ``mxqn_rq``, or None
+    when it needs the generic ``mxqn_fixq`` (log codes, left shifts, float32-rounded values)."""
+    q = y.quant
+    if q["kind"] != "fixed" or x.ctype != "int32_t" or (x.needs_r24() and not x.direct):
+        return None
+    shift = np.asarray(p["shift"]).reshape(-1).astype(np.int64)
+    if shift.min() < 1 or shift.max() > 30 or x.bound + (1 << (int(shift.max()) - 1)) >= LIMIT:
+        return None
+    sh = per_channel(consts, shift, "int8_t", "rqs", "c")
+    half = per_channel(consts, [1 << (int(v) - 1) for v in shift], "int32_t", "rqh", "c")
+    return f"({y.ctype})mxqn_rq(x[i] + {half}, {sh}, {q['lo']}, {q['hi']})"
