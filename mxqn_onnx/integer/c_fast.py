@@ -5,8 +5,12 @@ columns of the layer's fan-in (``im2col``, zeros for padding, the length rounded
 and each pair of output channels (int16 weight rows, padded alike) is multiplied with both
 columns: four int32 dot products, two MACs per step. On a Cortex-M with the DSP extension
 (``__ARM_FEATURE_DSP``: M4, M7, M33) a step is one ``SMLAD`` per pair of MACs, reading a pair
-of int16 values per 32-bit load; elsewhere the same sums in plain C, which GCC vectorizes
-(``pmaddwd`` on x86). Integer sums are exact and bounded below 2^31 by the planner, so the
+of int16 values per 32-bit load (four per ``LDRD`` under GCC/clang: the rows and columns are
+4-byte aligned); elsewhere the same sums in plain C, which GCC vectorizes (``pmaddwd`` on x86,
+``vpmaddwd`` with ``-march=native`` on AVX2). A full 2x2 block's four outputs are requantized
+without a loop (:mod:`mxqn_onnx.integer.c_requant` where the epilogue allows); a 1x1 stride-1
+conv's column is the input's channel vector; depthwise layers have their own kernel
+(:mod:`mxqn_onnx.integer.c_depthwise`). Integer sums are exact and bounded below 2^31 by the planner, so the
 result is the weight-stationary kernel's, bit for bit.
 
 Taken when the input is fixed-point codes that fit int16, the weights are stored as int8 or
