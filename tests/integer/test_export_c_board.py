@@ -84,3 +84,24 @@ def test_zoo_resnet18_on_the_board_is_bit_identical_to_the_host(tmp_path):
     x = np.load(ZOO / "digits_test.npz")["input"][:2]
     info, insns = _board_vs_host(model, x, tmp_path / "r18")
     assert insns >= info["macs"]
+
+
+def test_fast_kernels_on_the_board_are_bit_identical_to_the_host(tmp_path):
+    """1x1 and depthwise kernels of odd shapes (test_export_c_kernels' net): the board build
+    (LDRD/SMLAD dot products, padded depthwise planes, mxqn_rq) against the host build."""
+    from test_export_c_kernels import _data, _kernels_model
+
+    model = mxqn_onnx.quantize(_kernels_model(), {"x": _data(64, 0)}, **FAST, act_quant="fixed").model
+    info, insns = _board_vs_host(model, _data(3, 1), tmp_path / "k")
+    assert insns >= info["macs"]
+
+
+ZOO_MOBILE = ZOO / "digits_mobilenetv2.onnx"
+
+
+@pytest.mark.skipif(not ZOO_MOBILE.exists(), reason="no zoo model in cache/zoo (scripts/train_zoo.py)")
+def test_zoo_mobilenetv2_on_the_board_is_bit_identical_to_the_host(tmp_path):
+    model = mxqn_onnx.quantize(ZOO_MOBILE, ZOO / "digits_calib.npz", **FAST, act_quant="fixed").model
+    x = np.load(ZOO / "digits_test.npz")["input"][:2]
+    info, insns = _board_vs_host(model, x, tmp_path / "mb2")
+    assert insns >= info["macs"]

@@ -1,0 +1,205 @@
+"""C export: the depthwise convolution kernel (one 2-d filter per channel, int32 sums).
+
+Output-stationary with the channel outermost: the channel's taps and its requantization
+constants are held in locals, and each output is a short sum read straight from the input
+plane (no im2col: an input element meets only its own channel's few taps). The bounds checks
+cost more than the 9 MACs of a 3x3 window, so each row is split where the planner's shapes say
+the windows are inside the plane: the rows and columns whose window touches the padding take
+the checked loop, the interior takes an unrolled sum without checks, two neighbouring outputs
+per step (their windows overlap: at stride 1 a 3x3 pair reads 12 inputs instead of 18).
+The sums are the executor's exact integers (the order of an integer sum does not matter).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from .c_kernels import Consts, comment, ptr
+from .c_ops import Step, Val
+from .c_requant import FastRequant
+
+
+def _first_inside(pad: int, stride: int) -> int:
+    """First output whose window starts at input >= 0."""
+    return -(-pad // stride)
+
+
+def _end_inside(pad: int, stride: int, span: int, n: int, out: int) -> int:
+    """One past the last output whose window ends inside an input of length n (span: last tap's offset)."""
+    last = n - 1 - span + pad  # out * stride <= last
+    return 0 if last < 0 else min(out, last // stride + 1)
+
+
+def padded_plane(p: dict):
+    """(rows, columns) of the zero-padded int16 copy of one channel's plane that every window
+    fits in, or None when every window is inside the plane already (no padding to add)."""
+    c = p["conv"]
+    H, W, OH, OW = c["H"], c["W"], c["OH"], c["OW"]
+    need_h = (OH - 1) * c["SH"] + (c["KH"] - 1) * c["DH"] + 1
+    need_w = (OW - 1) * c["SW"] + (c["KW"] - 1) * c["DW"] + 1
+    if c["PT"] == 0 and c["PL"] == 0 and need_h <= H and need_w <= W:
+        return None
+    return max(H + c["PT"], need_h), max(W + c["PL"], need_w)
+
+
+def depthwise_scratch(p: dict) -> int:
+    """Bytes of the padded plane (0 without padding)."""
+    hw = padded_plane(p)
+    return 0 if hw is None else 2 * hw[0] * hw[1]
+
+
+def _padded(consts: Consts, s: Step, fname: str, epilogue: List[str], rq: Optional[FastRequant], narrow: bool,
+            pad_offset: int, wname: str) -> str:
+    """Each channel's plane is copied into a zero-padded int16 plane (its zero border written
+    once per call): then every window is inside, and every output is the unrolled sum without
+    a bounds check (a 4x4 plane with padding 1 has 12 border outputs of 16)."""
+    p = s.p
+    x: Val = s.ins[0]
+    y: Val = s.outs[0]
+    c = p["conv"]
+    O, K = p["O"], p["K"]
+    H, W, OH, OW, KH, KW = c["H"], c["W"], c["OH"], c["OW"], c["KH"], c["KW"]
+    SH, SW, DH, DW, PT, PL = c["SH"], c["SW"], c["DH"], c["DW"], c["PT"], c["PL"]
+    HP, WP = padded_plane(p)
+    taps = [(ky, kx) for ky in range(KH) for kx in range(KW)]
+    unrolled = len(taps) <= 25
+
+    def inside(dst: str, xr: str) -> List[str]:
+        if unrolled:
+            return [f"const int32_t {dst} = " + " + ".join(
+                f"w{t} * {xr}[{ky * DH * WP + kx * DW}]" for t, (ky, kx) in enumerate(taps)) + ";"]
+        return [f"int32_t {dst} = 0;",
+                f"for (ky = 0; ky < {KH}; ky++)",
+                f"    for (kx = 0; kx < {KW}; kx++)",
+                f"        {dst} += (int32_t)wo[ky * {KW} + kx] * {xr}[ky * {DH * WP} + kx * {DW}];"]
+
+    def store(sum_expr: str, ox: str) -> List[str]:
+        if rq is not None:
+            return [rq.debug_hoisted(f"(long)o * {OH * OW}L + (long)oy * {OW} + {ox}", sum_expr),
+                    f"yr[{ox}] = {rq.store_hoisted(sum_expr)};"]
+        return ["{", f"    const int32_t sum = {sum_expr};", f"    oi = (long)o * {OH * OW}L + (long)oy * {OW} + {ox};"] + \
+            ["    " + line for line in epilogue] + ["}"]
+
+    ind = lambda lines, n: [" " * n + line for line in lines]  # noqa: E731
+    body = [
+        f"/* layer '{comment(p['layer'])}' (depthwise, output-stationary, on a zero-padded {HP}x{WP} int16 copy "
+        f"of each plane): fixed input {x.ctype}, {p['wbits']}-bit weights, int32 sums, output '{comment(y.name)}' */",
+        f"static MXQN_LAYER void {fname}(void)", "{",
+        f"    const {x.ctype} *x = {ptr(x, True)};",
+        f"    {y.ctype} *y = {ptr(y)};",
+        f"    int16_t *pad = (int16_t *)(mxqn_arena + {pad_offset});"]
+    if rq is None:
+        body += [f"    {'int32_t' if narrow else 'int64_t'} v;", "    long oi;"]
+    body += ["    int o, oy, ox, iy, ix;" + ("" if unrolled else " int ky, kx;"),
+             f"    for (ix = 0; ix < {HP * WP}; ix++) pad[ix] = 0;",
+             f"    for (o = 0; o < {O}; o++) {{",
+             f"        const int16_t *wo = {wname} + (long)o * {K}L;",
+             f"        const {x.ctype} *xc = x + (long)o * {H * W}L;"]
+    if rq is not None:
+        body += [f"        {y.ctype} *yo = y + (long)o * {OH * OW}L;"]
+    body += [f"        const int32_t w{t} = wo[{t}];" for t in range(len(taps))] if unrolled else []
+    body += ind(rq.hoist(), 8) if rq is not None else []
+    body += [f"        for (iy = 0; iy < {H}; iy++)",
+             f"            for (ix = 0; ix < {W}; ix++) pad[(iy + {PT}) * {WP} + {PL} + ix] = (int16_t)xc[(long)iy * {W} + ix];",
+             f"        for (oy = 0; oy < {OH}; oy++) {{",
+             f"            const int16_t *pr = pad + oy * {SH * WP};"]
+    if rq is not None:
+        body += [f"            {y.ctype} *yr = yo + (long)oy * {OW};"]
+    if OW >= 2:
+        body += [f"            for (ox = 0; ox + 1 < {OW}; ox += 2) {{", f"                const int16_t *xr = pr + ox * {SW};"]
+        body += ind(inside("s0", "xr") + inside("s1", f"(xr + {SW})") + store("s0", "ox") + store("s1", "ox + 1"), 16)
+        body += ["            }"]
+    else:
+        body += ["            ox = 0;"]
+    body += [f"            for (; ox < {OW}; ox++) {{", f"                const int16_t *xr = pr + ox * {SW};"]
+    body += ind(inside("s0", "xr") + store("s0", "ox"), 16)
+    body += ["            }", "        }", "    }"]
+    return "\n".join(body)
+
+
+def emit_depthwise(consts: Consts, s: Step, fname: str, epilogue: List[str], rq: Optional[FastRequant],
+                   narrow: bool, pad_offset: int) -> str:
+    p = s.p
+    x: Val = s.ins[0]
+    y: Val = s.outs[0]
+    c = p["conv"]
+    O, K = p["O"], p["K"]
+    H, W, OH, OW, KH, KW = c["H"], c["W"], c["OH"], c["OW"], c["KH"], c["KW"]
+    SH, SW, DH, DW, PT, PL = c["SH"], c["SW"], c["DH"], c["DW"], c["PT"], c["PL"]
+    wname = consts.array("int16_t", p["w"], "w16", f"{p['layer']}: {p['wbits']}-bit depthwise weights [{O}][{K}]")
+    if padded_plane(p) is not None:
+        return _padded(consts, s, fname, epilogue, rq, narrow, pad_offset, wname)
+    taps = [(ky, kx) for ky in range(KH) for kx in range(KW)]
+    oy_lo, oy_hi = _first_inside(PT, SH), _end_inside(PT, SH, (KH - 1) * DH, H, OH)
+    ox_lo, ox_hi = _first_inside(PL, SW), _end_inside(PL, SW, (KW - 1) * DW, W, OW)
+    oy_lo, ox_lo = min(oy_lo, OH), min(ox_lo, OW)
+    oy_hi, ox_hi = max(oy_hi, oy_lo), max(ox_hi, ox_lo)
+    unrolled = len(taps) <= 25
+
+    def inside(dst: str, xr: str) -> List[str]:
+        if unrolled:
+            return [f"const int32_t {dst} = " + " + ".join(
+                f"w{t} * {xr}[{ky * DH * W + kx * DW}]" for t, (ky, kx) in enumerate(taps)) + ";"]
+        return [f"int32_t {dst} = 0;",
+                f"for (ky = 0; ky < {KH}; ky++)",
+                f"    for (kx = 0; kx < {KW}; kx++)",
+                f"        {dst} += (int32_t)wo[ky * {KW} + kx] * {xr}[(long)ky * {DH * W} + kx * {DW}];"]
+
+    def store(sum_expr: str, ox: str) -> List[str]:
+        if rq is not None:
+            return [rq.debug_hoisted(f"(long)o * {OH * OW}L + (long)oy * {OW} + {ox}", sum_expr),
+                    f"yr[{ox}] = {rq.store_hoisted(sum_expr)};"]
+        return ["{", f"    const int32_t sum = {sum_expr};", f"    oi = (long)o * {OH * OW}L + (long)oy * {OW} + {ox};"] + \
+            ["    " + line for line in epilogue] + ["}"]
+
+    def border(ox: str) -> List[str]:
+        return ["{", f"    const int ix0 = {ox} * {SW} - {PL};", "    int32_t sb = 0;",
+                f"    for (ky = 0; ky < {KH}; ky++) {{",
+                f"        const int iy = iy0 + ky * {DH};",
+                f"        if (iy < 0 || iy >= {H}) continue;",
+                f"        for (kx = 0; kx < {KW}; kx++) {{",
+                f"            const int ix = ix0 + kx * {DW};",
+                f"            if (ix >= 0 && ix < {W}) sb += (int32_t)wo[ky * {KW} + kx] * xc[(long)iy * {W} + ix];",
+                "        }", "    }"] + ["    " + line for line in store("sb", ox)] + ["}"]
+
+    def ind(lines: List[str], n: int) -> List[str]:
+        return [" " * n + line for line in lines]
+
+    wl = [f"        const int32_t w{t} = wo[{t}];" for t in range(len(taps))] if unrolled else []
+    hoist = ind(rq.hoist(), 8) if rq is not None else []
+    body = [
+        f"/* layer '{comment(p['layer'])}' (depthwise, output-stationary): fixed input {x.ctype}, "
+        f"{p['wbits']}-bit weights, int32 sums, output '{comment(y.name)}'; interior rows {oy_lo}..{oy_hi - 1}, "
+        f"columns {ox_lo}..{ox_hi - 1} without bounds checks */",
+        f"static MXQN_LAYER void {fname}(void)", "{",
+        f"    const {x.ctype} *x = {ptr(x, True)};",
+        f"    {y.ctype} *y = {ptr(y)};"]
+    if rq is None:
+        body += [f"    {'int32_t' if narrow else 'int64_t'} v;", "    long oi;"]
+    body += ["    int o, oy, ox, ky, kx;",
+             f"    for (o = 0; o < {O}; o++) {{",
+             f"        const int16_t *wo = {wname} + (long)o * {K}L;",
+             f"        const {x.ctype} *xc = x + (long)o * {H * W}L;",
+             ] + ([f"        {y.ctype} *yo = y + (long)o * {OH * OW}L;"] if rq is not None else []) + wl + hoist
+    body += [f"        for (oy = 0; oy < {OH}; oy++) {{",
+             f"            const int iy0 = oy * {SH} - {PT};",
+             ] + ([f"            {y.ctype} *yr = yo + (long)oy * {OW};"] if rq is not None else []) + [
+             f"            if (oy >= {oy_lo} && oy < {oy_hi}) {{",
+             f"                const long rb = (long)iy0 * {W} - {PL};",
+             f"                for (ox = 0; ox < {ox_lo}; ox++)"] + ind(border("ox"), 20)
+    if ox_hi - ox_lo >= 2:  # two neighbouring windows per step
+        body += [f"                for (ox = {ox_lo}; ox + 1 < {ox_hi}; ox += 2) {{",
+                 f"                    const {x.ctype} *xr = xc + rb + (long)ox * {SW};"]
+        body += ind(inside("s0", "xr") + inside("s1", f"(xr + {SW})") + store("s0", "ox") + store("s1", "ox + 1"), 20)
+        body += ["                }"]
+    else:
+        body += [f"                ox = {ox_lo};"]
+    body += [f"                for (; ox < {ox_hi}; ox++) {{",
+             f"                    const {x.ctype} *xr = xc + rb + (long)ox * {SW};"]
+    body += ind(inside("s0", "xr") + store("s0", "ox"), 20)
+    body += ["                }",
+             f"                for (ox = {ox_hi}; ox < {OW}; ox++)"] + ind(border("ox"), 20)
+    body += ["            } else {",
+             f"                for (ox = 0; ox < {OW}; ox++)"] + ind(border("ox"), 20)
+    body += ["            }", "        }", "    }"]
+    return "\n".join(body)
