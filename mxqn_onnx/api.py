@@ -310,9 +310,10 @@ def _calibrate(prepared: _Prepared, layers: List[Layer], source: DataSource, sou
     """
     # with depthwise shifts on trial, the unshifted tensors too (read by the Muls of the shifts)
     all_layers = layers + (_layers_of(prepared.unshifted, config) if prepared.unshifted is not None else [])
-    tensors = list(dict.fromkeys(l.data.name for l in all_layers))
-    if config.quantizes_layer_outputs:  # output quantizers (choose_all)
-        tensors = list(dict.fromkeys(tensors + [l.output.name for l in all_layers]))
+    inputs = list(dict.fromkeys(l.data.name for l in all_layers))
+    tensors = inputs
+    if config.quantizes_layer_outputs:  # output quantizers (choose_all): histograms only
+        tensors = list(dict.fromkeys(inputs + [l.output.name for l in all_layers]))
     keep = 0 if source.reiterable else config.verify_count
     if config.allocation_mode is not None and not source.reiterable:
         keep = max(keep, config.probe_count)  # the sensitivity probe needs batches too
@@ -323,7 +324,7 @@ def _calibrate(prepared: _Prepared, layers: List[Layer], source: DataSource, sou
             if axis is not None:
                 channel_axes[layer.data.name] = axis
     keep_samples = config.uses_samples(model_rounding_cost(layers))
-    samples = {t: TensorSample(t, config.data_samples) for t in tensors} if keep_samples else {}
+    samples = {t: TensorSample(t, config.data_samples) for t in inputs} if keep_samples else {}
     fp32, weights = export_fp32_stubbed(prepared.graph, source_model)
     # the FP32 outputs of the samples verification will use come with this run
     references = ReferenceOutputs([o.name for o in fp32.graph.output],
