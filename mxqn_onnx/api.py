@@ -554,7 +554,8 @@ def _rewrite(graph: gs.Graph, layers: List[Layer], result: QuantResult,
     ``result`` (stored as its metadata) in the configured format, checked by onnx's checker."""
     config = result.config
     qmodel = rewrite(graph, layers, result.layers, result.activations, source_model, result.decisions(),
-                     fmt=config.format, qdq_encoding=config.qdq_encoding)
+                     fmt=config.format, qdq_encoding=config.qdq_encoding,
+                     layer_outputs=config.quantizes_layer_outputs)
     try:
         onnx.checker.check_model(qmodel)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not bad input

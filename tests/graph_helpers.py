@@ -148,3 +148,42 @@ def check_measured(measured: dict, fp32: onnx.ModelProto, quant: onnx.ModelProto
     assert measured["top1_agreement_per_output"].keys() == set(measured["class_outputs"])
     for name, a in measured["top1_agreement_per_output"].items():
         assert a == pytest.approx(truth["agree"][name], abs=1e-9), name
+
+
+def small_resnet(opset: int = 13, seed: int = 0, blocks: int = 2) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv-Relu -> ``blocks`` residual blocks (Conv-Relu-Conv, Add the block
+    input, Relu) -> GlobalAveragePool-Flatten-Gemm -> y[N,5]: the residual Adds of a ResNet."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def w(name, shape, scale):
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name))
+        return name
+
+    nodes = [helper.make_node("Conv", ["x", w("w0", (8, 3, 3, 3), 0.3), w("b0", (8,), 0.1)], ["c0"], name="stem",
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["h0"], name="stem_relu")]
+    h = "h0"
+    for i in range(blocks):
+        nodes += [
+            helper.make_node("Conv", [h, w(f"wa{i}", (8, 8, 3, 3), 0.15), w(f"ba{i}", (8,), 0.1)], [f"a{i}"],
+                             name=f"block{i}_a", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"a{i}"], [f"ra{i}"], name=f"block{i}_relu_a"),
+            helper.make_node("Conv", [f"ra{i}", w(f"wb{i}", (8, 8, 3, 3), 0.15), w(f"bb{i}", (8,), 0.1)], [f"cb{i}"],
+                             name=f"block{i}_b", pads=[1, 1, 1, 1]),
+            helper.make_node("Add", [f"cb{i}", h], [f"s{i}"], name=f"block{i}_add"),
+            helper.make_node("Relu", [f"s{i}"], [f"h{i + 1}"], name=f"block{i}_relu"),
+        ]
+        h = f"h{i + 1}"
+    nodes += [helper.make_node("GlobalAveragePool", [h], ["g"], name="gap"),
+              helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+              helper.make_node("Gemm", ["f", w("w9", (5, 8), 0.3), w("b9", (5,), 0.1)], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "small_resnet",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -249,6 +249,34 @@ def quantize_layer_outputs(graph: gs.Graph, layers: List[Layer], acts: Dict[str,
     return done
 
 
+def share_quantized_with_adds(graph: gs.Graph) -> List[str]:
+    """Let the Adds that read a quantized activation read its dequantized value too.
+
+    A residual Add reads the block input in float beside the conv that reads it through its
+    QDQ pair, so onnxruntime can fuse neither the Add (``QLinearAdd`` needs both operands
+    dequantized and its output quantized) nor the Relu before the next block's quantizer (it
+    has two readers). Sharing the pair gives the Add the values the conv sees (the same
+    quantizer, no new one) and the whole block runs in integers. Part of the layer-output
+    quantizers (``QuantConfig.qdq_layer_outputs``), so the held-back check judges them
+    together. Returns the names of the Adds rewired.
+    """
+    done = []
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        x = q.inputs[0]
+        dqs = [r for r in q.outputs[0].outputs if r.op == "DequantizeLinear"]
+        if not isinstance(x, gs.Variable) or len(dqs) != 1:
+            continue
+        d = dqs[0].outputs[0]
+        for r in list(x.outputs):
+            if r.op != "Add":
+                continue
+            for i, inp in enumerate(r.inputs):
+                if inp is x:
+                    r.inputs[i] = d
+            done.append(r.name)
+    return done
+
+
 def layer_output_pairs(model: onnx.ModelProto) -> int:
     """How many layer-output QDQ pairs (:func:`quantize_layer_outputs`) a written model has."""
     end = f"_{LAYER_OUTPUT_SUFFIX}_quantize"

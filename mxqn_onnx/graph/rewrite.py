@@ -93,7 +93,7 @@ def _inlined(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision],
             acts: Dict[str, ActDecision], source: onnx.ModelProto, metadata: dict,
-            fmt: str = "mxqn", qdq_encoding: str = "safe") -> onnx.ModelProto:
+            fmt: str = "mxqn", qdq_encoding: str = "safe", layer_outputs: bool = False) -> onnx.ModelProto:
     """Quantize ``graph`` in place per ``decisions`` and export it as a ModelProto.
 
     ``fmt`` is ``"mxqn"`` (Cast/Mul dequantization, custom quantizer nodes) or ``"qdq"``
@@ -157,6 +157,8 @@ def rewrite(graph: gs.Graph, layers: List[Layer], decisions: List[LayerDecision]
     if fmt == "qdq":
         qdq.add_producer_quantizers(graph, qdq_acts, fusable, opset, retype, qdq_encoding)
         qdq.quantize_layer_outputs(graph, layers, acts, fusable, opset, retype, qdq_encoding)
+        if layer_outputs:
+            qdq.share_quantized_with_adds(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
     graph.opset = opset

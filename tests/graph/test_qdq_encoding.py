@@ -334,3 +334,35 @@ def test_cli_layer_outputs_flag(tmp_path, digits_model, digits_calib, flag, pair
                 *flag)
     assert p.returncode == 0, p.stderr
     assert qdq.layer_output_pairs(onnx.load(str(out))) == pairs
+
+
+def test_layer_output_quantizers_share_the_block_input_with_the_residual_add(tmp_path):
+    # the residual Add reads the block input through the quantizer the next conv reads it
+    # through, so that onnxruntime runs the whole block in integers (QLinearAdd); without
+    # the layer-output quantizers the Add stays float
+    from graph_helpers import cnn_inputs, small_resnet
+
+    model = small_resnet()
+    x = cnn_inputs(64)
+
+    def optimized_ops(m):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+    on = mxqn_onnx.quantize(model, {"x": x}, format="qdq", verify=False, qdq_layer_outputs="on").model
+    off = mxqn_onnx.quantize(model, {"x": x}, format="qdq", verify=False, qdq_layer_outputs="off").model
+    producers = {o: n for n in on.graph.node for o in n.output}
+    adds = [n for n in on.graph.node if n.op_type == "Add"]
+    assert len(adds) == 2 and all(producers[i].op_type == "DequantizeLinear" for n in adds for i in n.input)
+    ops_on, ops_off = optimized_ops(on), optimized_ops(off)
+    # the last block's Add feeds the float global pool: no quantizer follows it, it stays float
+    assert ops_on.count("QLinearConv") == 5 and ops_on.count("QLinearAdd") == 1 and ops_on.count("Add") == 1
+    assert "QLinearAdd" not in ops_off and ops_off.count("QLinearConv") < 5
+    # fused or not, onnxruntime computes the same file
+    so = ort.SessionOptions()
+    so.graph_optimization_level = NONE
+    ref = ort.InferenceSession(on.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(on.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert Q.sqnr_of(ref, got) > 60.0
