@@ -271,6 +271,20 @@ class BetweenOps:
     def op_GlobalAveragePool(self, node):
         self._avg_pool(node, True)
 
+    def op_ReduceMean(self, node):
+        """A mean over both spatial axes of an NCHW tensor, as the dynamo exporter writes a
+        global average pool: that pool's float step (same memory layout with keepdims 0)."""
+        v = self.val(node.input[0], node)
+        a = _attrs(node)
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            if node.input[1] not in self.const:
+                raise refuse(node, "ReduceMean with computed axes")
+            axes = np.asarray(self.const[node.input[1]]).reshape(-1).tolist()
+        if len(v.shape) != 4 or axes is None or sorted(int(x) % 4 for x in axes) != [2, 3]:
+            raise refuse(node, "ReduceMean over other than the two spatial axes of an NCHW tensor")
+        self._avg_pool(node, True)
+
     def op_Add(self, node):
         if any(i not in self.vals for i in node.input[:2]):
             return self.float_binary(node)  # a constant operand

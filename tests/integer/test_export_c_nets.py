@@ -26,11 +26,12 @@ NETS = ROOT / "tests" / "data" / "nets"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-@pytest.mark.parametrize("name", ["mobile_torchscript_op13", "mobile_torchscript_op17", "unet_torchscript_op13",
-                                  "unet_dynamo_op18"])
+@pytest.mark.parametrize("name", ["mobile_torchscript_op13", "mobile_torchscript_op17", "mobile_dynamo_op18",
+                                  "mobile_dynamo_op23", "unet_torchscript_op13", "unet_dynamo_op18"])
 def test_small_nets_code_for_code(name, tmp_path):
-    """MobileNetV3-style (HardSigmoid gates, squeeze-excite Mul, Clip, Concat) and U-Net
-    (ConvTranspose up-sampling, skip Concat); their inputs have dynamic height and width."""
+    """MobileNetV3-style (HardSigmoid gates, squeeze-excite Mul, Clip, Concat; the dynamo
+    export's global pools are ReduceMean) and U-Net (ConvTranspose up-sampling, skip Concat);
+    their inputs have dynamic height and width."""
     m = onnx.load(NETS / f"{name}.onnx")
     in_name = m.graph.input[0].name
     rng = np.random.default_rng(0)
@@ -45,6 +46,8 @@ def test_small_nets_code_for_code(name, tmp_path):
         assert "/* layer '" in (tmp_path / name / "model.c").read_text()
     if "HardSigmoid" in ops:
         assert info["float_summary"].get("HardSigmoid", 0) >= 1
+    if "ReduceMean" in ops:
+        assert info["float_summary"].get("ReduceMean", 0) >= 1
 
 
 def _all_ops_model(seed: int = 0) -> onnx.ModelProto:
