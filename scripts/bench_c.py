@@ -31,9 +31,11 @@ SIMD kernels.
 Measured 2026-12-06 (2-core AMD EPYC VM, AVX2, shared; GCC 12.2, arm-none-eabi-gcc 12.2, QEMU 7.2,
 onnxruntime 1.32) by ``--rounds 3 --samples 100 --models digits_cnn,digits_resnet18,digits_mobilenetv2``:
 fixed-only instructions per MAC on the Cortex-M4 1.23 / 1.97 / 1.15 (digits CNN / MobileNetV2 /
-ResNet18), on x86 1.00 / 2.06 / 0.87 at ``-O2`` and 0.73 / 1.63 / 0.61 with ``--cflags=-march=native``;
-C fixed / onnxruntime FP32 latency 2.87x / 4.76x / 3.24x at ``-O2``, 2.15x / 3.89x / 2.07x native
-(the ratios move with the machine's load; see the README's C-export section).
+ResNet18), on x86 1.00 / 1.86 / 0.87 at ``-O2`` and 0.73 / 1.18 / 0.61 with ``--cflags=-march=native``
+(after the row kernels; before them MobileNetV2 2.06 / 1.63); C fixed / onnxruntime FP32 latency
+4.37x / 3.63x / 2.88x at ``-O2`` (that run shared the machine with the test suite; the digits CNN's
+code is unchanged and measured 2.87x the run before), 1.89x / 2.90x / 1.66x native (the ratios
+move with the machine's load; see the README's C-export section).
 
 Usage::
 

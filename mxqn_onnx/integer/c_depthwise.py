@@ -42,10 +42,22 @@ def padded_plane(p: dict):
     return max(H + c["PT"], need_h), max(W + c["PL"], need_w)
 
 
-def depthwise_scratch(p: dict) -> int:
-    """Bytes of the padded plane (0 without padding)."""
+def row_plane(p: dict):
+    """(rows, row stride, phase length) of the row kernel's int16 plane: each padded row stored
+    as its SW column phases (columns ph, ph + SW, ...), each phase L long, so that a tap of a
+    strided window reads consecutive elements along the output row."""
+    c = p["conv"]
     hw = padded_plane(p)
-    return 0 if hw is None else 2 * hw[0] * hw[1]
+    HP, WP = (c["H"], c["W"]) if hw is None else hw
+    L = -(-WP // c["SW"])
+    return HP, c["SW"] * L, L
+
+
+def depthwise_scratch(p: dict) -> int:
+    """Bytes of the padded plane (the row kernel's phase-split plane on hosts with vectors)."""
+    hw = padded_plane(p)
+    HP, RS, _ = row_plane(p)
+    return max(0 if hw is None else 2 * hw[0] * hw[1], 2 * HP * RS)
 
 
 def _padded(consts: Consts, s: Step, fname: str, epilogue: List[str], rq: Optional[FastRequant], narrow: bool,
@@ -117,8 +129,77 @@ def _padded(consts: Consts, s: Step, fname: str, epilogue: List[str], rq: Option
     return "\n".join(body)
 
 
+def _rows(s: Step, fname: str, rq: FastRequant, pad_offset: int, wname: str) -> str:
+    """The row kernel (hosts with vector units): each output row is one loop over its outputs,
+    the window's taps unrolled in its body (``sum = w0 * r0[ox] + w1 * r0[ox + 1] + ...``),
+    reading int16 rows of a copy of the channel's plane (zero-padded, its columns split into the
+    stride's phases so that every tap reads consecutive elements), int32 sums, requantized and
+    stored in the same loop: a loop that GCC vectorizes at -O2 (restrict pointers, no branches)."""
+    p = s.p
+    x: Val = s.ins[0]
+    y: Val = s.outs[0]
+    c = p["conv"]
+    O, K = p["O"], p["K"]
+    H, W, OH, OW, KH, KW = c["H"], c["W"], c["OH"], c["OW"], c["KH"], c["KW"]
+    SH, SW, DH, DW, PT, PL = c["SH"], c["SW"], c["DH"], c["DW"], c["PT"], c["PL"]
+    HP, RS, L = row_plane(p)
+    taps = [(ky, kx) for ky in range(KH) for kx in range(KW)]
+    body = [
+        f"/* layer '{comment(p['layer'])}' (depthwise, row kernel on a {HP}x{RS} int16 copy of each plane"
+        f"{', columns split into ' + str(SW) + ' phases' if SW > 1 else ''}): fixed input {x.ctype}, "
+        f"{p['wbits']}-bit weights, int32 sums, output '{comment(y.name)}' */",
+        f"static MXQN_LAYER void {fname}(void)", "{",
+        f"    const {x.ctype} *x = {ptr(x, True)};",
+        f"    {y.ctype} *y = {ptr(y)};",
+        f"    int16_t *pad = (int16_t *)(mxqn_arena + {pad_offset});",
+        "    int o, oy, ox, iy;",
+        f"    int32_t acc[{OW}];",
+        f"    for (ox = 0; ox < {HP * RS}; ox++) pad[ox] = 0;",
+        f"    for (o = 0; o < {O}; o++) {{",
+        f"        const int16_t *wo = {wname} + (long)o * {K}L;",
+        f"        const {x.ctype} *xc = x + (long)o * {H * W}L;",
+        f"        {y.ctype} *yo = y + (long)o * {OH * OW}L;"]
+    body += [f"        const int32_t w{t} = wo[{t}];" for t in range(len(taps))]
+    body += ["        " + line for line in rq.hoist()]
+    body += [f"        for (iy = 0; iy < {H}; iy++) {{",
+             f"            int16_t *restrict pr = pad + (long)(iy + {PT}) * {RS};",
+             f"            const {x.ctype} *restrict xr = xc + (long)iy * {W};"]
+    for ph in range(SW):
+        j0 = max(0, -(-(PL - ph) // SW))
+        j1 = min(L, (W - 1 + PL - ph) // SW + 1)
+        if j1 > j0:
+            src = j0 * SW + ph - PL
+            body += [f"            for (ox = 0; ox < {j1 - j0}; ox++) pr[{ph * L + j0} + ox] = (int16_t)xr[ox"
+                     f"{' * ' + str(SW) if SW > 1 else ''} + {src}];"]
+    body += ["        }", f"        for (oy = 0; oy < {OH}; oy++) {{"]
+    body += [f"            const int16_t *restrict r{ky} = pad + (long)(oy * {SH} + {ky * DH}) * {RS};" for ky in range(KH)]
+    body += [f"            {y.ctype} *restrict yr = yo + (long)oy * {OW};",
+             f"            for (ox = 0; ox < {OW}; ox++)"]
+    terms = []
+    for t, (ky, kx) in enumerate(taps):
+        col = kx * DW
+        terms.append(f"w{t} * r{ky}[ox + {(col % SW) * L + col // SW}]")
+    body += ["                acc[ox] = " + " + ".join(terms) + ";",
+             f"            for (ox = 0; ox < {OW}; ox++) {{",
+             "                " + rq.debug_hoisted(f"(long)o * {OH * OW}L + (long)oy * {OW} + ox", "acc[ox]"),
+             f"                yr[ox] = {rq.store_hoisted('acc[ox]')};",
+             "            }", "        }", "    }"]
+    return "\n".join(body)
+
+
 def emit_depthwise(consts: Consts, s: Step, fname: str, epilogue: List[str], rq: Optional[FastRequant],
                    narrow: bool, pad_offset: int) -> str:
+    p = s.p
+    if rq is not None and p["conv"]["KH"] * p["conv"]["KW"] <= 25:
+        wname = consts.array("int16_t", p["w"], "w16", f"{p['layer']}: {p['wbits']}-bit depthwise weights "
+                             f"[{p['O']}][{p['K']}]")
+        return "\n".join(["#if MXQN_ROW_KERNELS", _rows(s, fname, rq, pad_offset, wname), "#else",
+                          _depthwise(consts, s, fname, epilogue, rq, narrow, pad_offset), "#endif"])
+    return _depthwise(consts, s, fname, epilogue, rq, narrow, pad_offset)
+
+
+def _depthwise(consts: Consts, s: Step, fname: str, epilogue: List[str], rq: Optional[FastRequant],
+               narrow: bool, pad_offset: int) -> str:
     p = s.p
     x: Val = s.ins[0]
     y: Val = s.outs[0]

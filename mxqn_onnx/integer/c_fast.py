@@ -183,6 +183,72 @@ def emit_fast_layer(consts: Consts, s: Step, fname: str, generic_epilogue: Calla
                         for line in epilogue]
     if is_depthwise(p):
         return emit_depthwise(consts, s, fname, epilogue, rq, narrow, col_offset)
+    if rq is not None and pointwise_rows(p):
+        return "\n".join(["#if MXQN_ROW_1X1", _pointwise_rows(consts, s, fname, rq), "#else",
+                          _dot_layer(consts, s, fname, epilogue, rq, narrow, col_offset), "#endif"])
+    return _dot_layer(consts, s, fname, epilogue, rq, narrow, col_offset)
+
+
+#: 1x1 convs with at most this many input channels take the row kernel on hosts with vectors
+#: (a 2x2 block's dot products of 16-24 pairs cost more in gathering and summing than in MACs)
+ROW_MAX_K = 32
+#: positions per block of the row kernel's int32 sums
+ROW_BLOCK = 64
+
+
+def pointwise_rows(p: dict) -> bool:
+    c = p.get("conv")
+    return (c is not None and c["G"] == 1 and c["KH"] == c["KW"] == 1 and c["SH"] == c["SW"] == 1
+            and c["PT"] == c["PL"] == 0 and c["OH"] == c["H"] and c["OW"] == c["W"] and p["K"] <= ROW_MAX_K)
+
+
+def _pointwise_rows(consts: Consts, s: Step, fname: str, rq) -> str:
+    """1x1 conv with few input channels, row kernel: for each output channel, its weights in
+    locals, one loop along a block of positions summing the K input planes' codes
+    (``acc[i] = w0 * x0[i] + w1 * x1[i] + ...``, int32), then one loop requantizing the block:
+    loops that GCC vectorizes at -O2."""
+    p = s.p
+    x: Val = s.ins[0]
+    y: Val = s.outs[0]
+    O, K = p["O"], p["K"]
+    HW = p["conv"]["H"] * p["conv"]["W"]
+    B = min(HW, ROW_BLOCK)
+    KP = K + (K & 1)  # the dot-product kernel's rows (one array for both kernels)
+    w = np.zeros((O, KP), np.int64)
+    w[:, :K] = p["w"]
+    wname = consts.array("int16_t", w, "w16", f"{p['layer']}: {p['wbits']}-bit weights as int16 [{O}][{KP}]",
+                         align=4)
+    body = [f"/* layer '{comment(p['layer'])}' (1x1, row kernel, {K} input channels): fixed input {x.ctype}, "
+            f"{p['wbits']}-bit weights, int32 sums, output '{comment(y.name)}' */",
+            f"static MXQN_LAYER void {fname}(void)", "{",
+            f"    const {x.ctype} *x = {ptr(x, True)};",
+            f"    {y.ctype} *y = {ptr(y)};",
+            f"    int32_t acc[{B}];",
+            "    int o, i;", "    long p0;",
+            f"    for (o = 0; o < {O}; o++) {{",
+            f"        const int16_t *wo = {wname} + (long)o * {KP}L;",
+            f"        {y.ctype} *yo = y + (long)o * {HW}L;"]
+    body += [f"        const int32_t w{c} = wo[{c}];" for c in range(K)]
+    body += ["        " + line for line in rq.hoist()]
+    body += [f"        for (p0 = 0; p0 < {HW}L; p0 += {B}) {{",
+             f"            const int n = {HW}L - p0 < {B} ? (int)({HW}L - p0) : {B};",
+             f"            const {x.ctype} *restrict xp = x + p0;",
+             f"            {y.ctype} *restrict yp = yo + p0;",
+             "            for (i = 0; i < n; i++)",
+             "                acc[i] = " + " + ".join(f"w{c} * xp[i + {c * HW}L]" for c in range(K)) + ";",
+             "            for (i = 0; i < n; i++) {",
+             "                " + rq.debug_hoisted("(long)o * %dL + p0 + i" % HW, "acc[i]"),
+             f"                yp[i] = {rq.store_hoisted('acc[i]')};",
+             "            }", "        }", "    }"]
+    return "\n".join(body)
+
+
+def _dot_layer(consts: Consts, s: Step, fname: str, epilogue: List[str], rq, narrow: bool, col_offset: int) -> str:
+    p = s.p
+    x: Val = s.ins[0]
+    y: Val = s.outs[0]
+    O, K = p["O"], p["K"]
+    KP = K + (K & 1)
     w = np.zeros((O, KP), np.int64)
     w[:, :K] = p["w"]
     wname = consts.array("int16_t", w, "w16", f"{p['layer']}: {p['wbits']}-bit weights as int16 [{O}][{KP}]",
