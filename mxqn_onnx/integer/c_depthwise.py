@@ -8,6 +8,10 @@ the windows are inside the plane: the rows and columns whose window touches the 
 the checked loop, the interior takes an unrolled sum without checks, two neighbouring outputs
 per step (their windows overlap: at stride 1 a 3x3 pair reads 12 inputs instead of 18).
 The sums are the executor's exact integers (the order of an integer sum does not matter).
+On x86 (``MXQN_SSE2``: SSE2, every x86-64; ``-DMXQN_NO_SIMD`` keeps the portable C) the row
+kernel's sums are written with SSE2 intrinsics: the taps in pairs, one ``pmaddwd`` per pair and
+4 outputs (:func:`_sse2_row`), since GCC uses ``pmaddwd`` only in reductions and otherwise needs
+``pmullw``, ``pmulhw`` and two unpacks per 8 products.
 """
 
 from __future__ import annotations

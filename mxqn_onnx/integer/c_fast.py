@@ -13,6 +13,10 @@ conv's column is the input's channel vector; depthwise layers have their own ker
 (:mod:`mxqn_onnx.integer.c_depthwise`). Integer sums are exact and bounded below 2^31 by the planner, so the
 result is the weight-stationary kernel's, bit for bit.
 
+1x1 convs with few input channels take a row kernel instead: on x86 an SSE2 ``pmaddwd`` kernel
+on pairs of channels interleaved per position (:func:`_pointwise_sse2`, ``MXQN_SSE2``); under
+``-DMXQN_NO_SIMD`` with AVX2 a plain C loop that GCC vectorizes (:func:`_pointwise_rows`).
+
 Taken when the input is fixed-point codes that fit int16, the weights are stored as int8 or
 int16 (not packed int4: those keep their flash saving and the generic kernel), and the planner
 chose int32 sums. The weights are stored as int16 rows (twice the flash of int8).
