@@ -25,17 +25,20 @@ compiler (``cc -O2 -std=c99``), and measure
 
 Models: the shipped digits CNN (28x28) and VGG16 (32x32), plus the zoo's digits models when
 ``cache/zoo`` holds them (``scripts/train_zoo.py``). Absolute times are this machine's; the C
-is portable scalar C99 (GCC is asked to vectorize the layer loops), onnxruntime uses its
+is portable C99 (GCC is asked to vectorize the layer loops; on x86 two row kernels are SSE2
+intrinsics, ``-DMXQN_NO_SIMD`` for none), onnxruntime uses its
 SIMD kernels.
 
 Measured 2026-12-06 (2-core AMD EPYC VM, AVX2, shared; GCC 12.2, arm-none-eabi-gcc 12.2, QEMU 7.2,
-onnxruntime 1.32) by ``--rounds 3 --samples 100 --models digits_cnn,digits_resnet18,digits_mobilenetv2``:
-fixed-only instructions per MAC on the Cortex-M4 1.23 / 1.97 / 1.15 (digits CNN / MobileNetV2 /
-ResNet18), on x86 1.00 / 1.86 / 0.87 at ``-O2`` and 0.73 / 1.18 / 0.61 with ``--cflags=-march=native``
-(after the row kernels; before them MobileNetV2 2.06 / 1.63); C fixed / onnxruntime FP32 latency
-4.37x / 3.63x / 2.88x at ``-O2`` (that run shared the machine with the test suite; the digits CNN's
-code is unchanged and measured 2.87x the run before), 1.89x / 2.90x / 1.66x native (the ratios
-move with the machine's load; see the README's C-export section).
+onnxruntime 1.32) by ``--rounds 3 --samples 100 --models digits_cnn,digits_resnet18,digits_mobilenetv2``
+after the x86 SSE2 (``pmaddwd``) row kernels: fixed-only instructions per MAC on the Cortex-M4
+1.23 / 1.97 / 1.15 (digits CNN / MobileNetV2 / ResNet18; unchanged), on x86 at ``-O2`` 1.00 / 1.27 /
+0.87 (MobileNetV2 1.86 before them, 2.06 before the portable row kernels); C fixed / onnxruntime
+FP32 latency 2.67x / 2.75x / 2.59x at ``-O2`` (before the SSE2 kernels, in a run loaded by the test
+suite: 4.37x / 3.63x / 2.88x). With ``--cflags=-march=native`` MobileNetV2 counts 0.84 per MAC
+(1.18 before; callgrind on the same two samples), the others 0.73 / 0.61; native latency ratios
+1.89x / 2.90x / 1.66x from before the SSE2 kernels (the ratios move with the machine's load; see
+the README's C-export section).
 
 Usage::
 

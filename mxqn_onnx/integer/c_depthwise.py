@@ -8,6 +8,10 @@ the windows are inside the plane: the rows and columns whose window touches the 
 the checked loop, the interior takes an unrolled sum without checks, two neighbouring outputs
 per step (their windows overlap: at stride 1 a 3x3 pair reads 12 inputs instead of 18).
 The sums are the executor's exact integers (the order of an integer sum does not matter).
+On x86 (``MXQN_SSE2``: SSE2, every x86-64; ``-DMXQN_NO_SIMD`` keeps the portable C) the row
+kernel's sums are written with SSE2 intrinsics: the taps in pairs, one ``pmaddwd`` per pair and
+4 outputs (:func:`_sse2_row`), since GCC uses ``pmaddwd`` only in reductions and otherwise needs
+``pmullw``, ``pmulhw`` and two unpacks per 8 products.
 """
 
 from __future__ import annotations
@@ -160,6 +164,9 @@ def _rows(s: Step, fname: str, rq: FastRequant, pad_offset: int, wname: str) -> 
         f"        const {x.ctype} *xc = x + (long)o * {H * W}L;",
         f"        {y.ctype} *yo = y + (long)o * {OH * OW}L;"]
     body += [f"        const int32_t w{t} = wo[{t}];" for t in range(len(taps))]
+    body += ["#if MXQN_SSE2"] + [f"        const __m128i wp{j} = _mm_set1_epi32((int32_t)((uint32_t)(uint16_t)wo[{2 * j}]"
+                                 + (f" | (uint32_t)(uint16_t)wo[{2 * j + 1}] << 16));" if 2 * j + 1 < len(taps) else "));")
+                                 for j in range((len(taps) + 1) // 2 if OW >= 4 else 0)] + ["#endif"]
     body += ["        " + line for line in rq.hoist()]
     body += [f"        for (iy = 0; iy < {H}; iy++) {{",
              f"            int16_t *restrict pr = pad + (long)(iy + {PT}) * {RS};",
@@ -175,16 +182,51 @@ def _rows(s: Step, fname: str, rq: FastRequant, pad_offset: int, wname: str) -> 
     body += [f"            const int16_t *restrict r{ky} = pad + (long)(oy * {SH} + {ky * DH}) * {RS};" for ky in range(KH)]
     body += [f"            {y.ctype} *restrict yr = yo + (long)oy * {OW};",
              f"            for (ox = 0; ox < {OW}; ox++)"]
-    terms = []
+    terms, reads = [], []
     for t, (ky, kx) in enumerate(taps):
         col = kx * DW
         terms.append(f"w{t} * r{ky}[ox + {(col % SW) * L + col // SW}]")
-    body += ["                acc[ox] = " + " + ".join(terms) + ";",
+        reads.append(f"r{ky} + ox + {(col % SW) * L + col // SW}")
+    scalar = "                acc[ox] = " + " + ".join(terms) + ";"
+    body[-1:] = ["#if MXQN_SSE2"] + _sse2_row(reads, OW) + [f"            for (; ox < {OW}; ox++)", scalar, "#else",
+                                                         body[-1], scalar, "#endif"]
+    body += [
              f"            for (ox = 0; ox < {OW}; ox++) {{",
              "                " + rq.debug_hoisted(f"(long)o * {OH * OW}L + (long)oy * {OW} + ox", "acc[ox]"),
              f"                yr[ox] = {rq.store_hoisted('acc[ox]')};",
              "            }", "        }", "    }"]
     return "\n".join(body)
+
+
+def _sse2_row(reads: List[str], OW: int) -> List[str]:
+    """SSE2 body of the row kernel's sums (``MXQN_SSE2``): the taps in pairs, the two taps'
+    values for the same outputs interleaved (``punpcklwd``/``punpckhwd``) and multiplied with the
+    pair's weights by one ``pmaddwd``: 8 MACs into 4 int32 lanes per instruction, 8 outputs per
+    step, then 4, then the scalar sum. An odd last tap is paired with itself and weight 0. Exact:
+    the weights are above -32768 (:func:`~mxqn_onnx.integer.c_fast.fast_ok`), so a pair sum is at
+    most 2 * 32767 * 32768 < 2^31 in magnitude, and the int32 lanes wrap like the planner-bounded
+    int32 sum (below 2^31) they end at."""
+    pairs = [(reads[i], reads[i + 1] if i + 1 < len(reads) else reads[i]) for i in range(0, len(reads), 2)]
+    out = ["            ox = 0;"]
+    if OW >= 8:
+        out += [f"            for (; ox + 8 <= {OW}; ox += 8) {{",
+                "                __m128i lo = _mm_setzero_si128(), hi = _mm_setzero_si128();"]
+        for j, (a, b) in enumerate(pairs):
+            out += ["                {",
+                    f"                    const __m128i a = _mm_loadu_si128((const __m128i *)({a}));",
+                    f"                    const __m128i b = _mm_loadu_si128((const __m128i *)({b}));",
+                    f"                    lo = _mm_add_epi32(lo, _mm_madd_epi16(_mm_unpacklo_epi16(a, b), wp{j}));",
+                    f"                    hi = _mm_add_epi32(hi, _mm_madd_epi16(_mm_unpackhi_epi16(a, b), wp{j}));",
+                    "                }"]
+        out += ["                _mm_storeu_si128((__m128i *)(acc + ox), lo);",
+                "                _mm_storeu_si128((__m128i *)(acc + ox + 4), hi);", "            }"]
+    if OW % 8 >= 4:
+        out += [f"            if (ox + 4 <= {OW}) {{", "                __m128i lo = _mm_setzero_si128();"]
+        for j, (a, b) in enumerate(pairs):
+            out += [f"                lo = _mm_add_epi32(lo, _mm_madd_epi16(_mm_unpacklo_epi16("
+                    f"_mm_loadl_epi64((const __m128i *)({a})), _mm_loadl_epi64((const __m128i *)({b}))), wp{j}));"]
+        out += ["                _mm_storeu_si128((__m128i *)(acc + ox), lo);", "                ox += 4;", "            }"]
+    return out
 
 
 def emit_depthwise(consts: Consts, s: Step, fname: str, epilogue: List[str], rq: Optional[FastRequant],

@@ -13,6 +13,10 @@ conv's column is the input's channel vector; depthwise layers have their own ker
 (:mod:`mxqn_onnx.integer.c_depthwise`). Integer sums are exact and bounded below 2^31 by the planner, so the
 result is the weight-stationary kernel's, bit for bit.
 
+1x1 convs with few input channels take a row kernel instead: on x86 an SSE2 ``pmaddwd`` kernel
+on pairs of channels interleaved per position (:func:`_pointwise_sse2`, ``MXQN_SSE2``); under
+``-DMXQN_NO_SIMD`` with AVX2 a plain C loop that GCC vectorizes (:func:`_pointwise_rows`).
+
 Taken when the input is fixed-point codes that fit int16, the weights are stored as int8 or
 int16 (not packed int4: those keep their flash saving and the generic kernel), and the planner
 chose int32 sums. The weights are stored as int16 rows (twice the flash of int8).
@@ -184,7 +188,8 @@ def emit_fast_layer(consts: Consts, s: Step, fname: str, generic_epilogue: Calla
     if is_depthwise(p):
         return emit_depthwise(consts, s, fname, epilogue, rq, narrow, col_offset)
     if rq is not None and pointwise_rows(p):
-        return "\n".join(["#if MXQN_ROW_1X1", _pointwise_rows(consts, s, fname, rq), "#else",
+        return "\n".join(["#if MXQN_SSE2", _pointwise_sse2(consts, s, fname, rq), "#elif MXQN_ROW_1X1",
+                          _pointwise_rows(consts, s, fname, rq), "#else",
                           _dot_layer(consts, s, fname, epilogue, rq, narrow, col_offset), "#endif"])
     return _dot_layer(consts, s, fname, epilogue, rq, narrow, col_offset)
 
@@ -236,6 +241,77 @@ def _pointwise_rows(consts: Consts, s: Step, fname: str, rq) -> str:
              f"            {y.ctype} *restrict yp = yo + p0;",
              "            for (i = 0; i < n; i++)",
              "                acc[i] = " + " + ".join(f"w{c} * xp[i + {c * HW}L]" for c in range(K)) + ";",
+             "            for (i = 0; i < n; i++) {",
+             "                " + rq.debug_hoisted("(long)o * %dL + p0 + i" % HW, "acc[i]"),
+             f"                yp[i] = {rq.store_hoisted('acc[i]')};",
+             "            }", "        }", "    }"]
+    return "\n".join(body)
+
+
+#: positions per block of the SSE2 1x1 kernel (its interleaved copy of the block's codes is on the stack)
+SSE2_BLOCK = 128
+
+
+def _w16_rows(consts: Consts, p: dict) -> str:
+    """The int16 weight rows [O][K rounded up to even] (one array for every 1x1 kernel)."""
+    O, K = p["O"], p["K"]
+    w = np.zeros((O, K + (K & 1)), np.int64)
+    w[:, :K] = p["w"]
+    return consts.array("int16_t", w, "w16", f"{p['layer']}: {p['wbits']}-bit weights as int16 [{O}][{K + (K & 1)}]",
+                        align=4)
+
+
+def _pointwise_sse2(consts: Consts, s: Step, fname: str, rq) -> str:
+    """1x1 conv with few input channels on x86 (``MXQN_SSE2``): for each block of positions,
+    the input channels' codes are copied once into an int16 block with pairs of channels
+    interleaved per position (``[x0[i], x1[i], x0[i+1], x1[i+1], ...]``); then for each output
+    channel one ``pmaddwd`` multiplies 4 positions x 2 channels with the pair's weights (8 MACs
+    into 4 int32 lanes, its operand read straight from the aligned block) and one ``paddd`` sums
+    them, and a loop requantizes the block. Exact like the depthwise pairs: the weights are above
+    -32768 (:func:`fast_ok`), a pair sum is below 2^31 in magnitude, the int32 lanes wrap like the
+    planner-bounded sum. An odd last channel is paired with itself and weight 0 (the rows' pad)."""
+    p = s.p
+    x: Val = s.ins[0]
+    y: Val = s.outs[0]
+    O, K = p["O"], p["K"]
+    HW = p["conv"]["H"] * p["conv"]["W"]
+    KP = K + (K & 1)
+    K2 = KP // 2
+    B = min(-(-HW // 8) * 8, SSE2_BLOCK)
+    wname = _w16_rows(consts, p)
+    body = [f"/* layer '{comment(p['layer'])}' (1x1, SSE2 pmaddwd kernel, {K} input channels in pairs): fixed input "
+            f"{x.ctype}, {p['wbits']}-bit weights, int32 sums, output '{comment(y.name)}' */",
+            f"static MXQN_LAYER void {fname}(void)", "{",
+            f"    const {x.ctype} *x = {ptr(x, True)};",
+            f"    {y.ctype} *y = {ptr(y)};",
+            f"    int16_t xs[{K2 * 2 * B}] __attribute__((aligned(16)));",
+            f"    int32_t acc[{B}];",
+            "    int o, i, n8;", "    long p0;",
+            f"    for (p0 = 0; p0 < {HW}L; p0 += {B}) {{",
+            f"        const int n = {HW}L - p0 < {B} ? (int)({HW}L - p0) : {B};",
+            "        n8 = (n + 7) & ~7;"]
+    for j in range(K2):
+        b = 2 * j + 1 if 2 * j + 1 < K else 2 * j
+        body += ["        {",
+                 f"            const {x.ctype} *restrict xa = x + p0 + {2 * j * HW}L;",
+                 f"            const {x.ctype} *restrict xb = x + p0 + {b * HW}L;",
+                 f"            int16_t *restrict d = xs + {j * 2 * B};",
+                 "            for (i = 0; i < n; i++) { d[2 * i] = (int16_t)xa[i]; d[2 * i + 1] = (int16_t)xb[i]; }",
+                 "            for (; i < n8; i++) { d[2 * i] = 0; d[2 * i + 1] = 0; }",
+                 "        }"]
+    body += [f"        for (o = 0; o < {O}; o++) {{",
+             f"            const int16_t *wo = {wname} + (long)o * {KP}L;",
+             f"            {y.ctype} *restrict yp = y + (long)o * {HW}L + p0;"]
+    body += [f"            const __m128i wp{j} = _mm_set1_epi32((int32_t)((uint32_t)(uint16_t)wo[{2 * j}] | "
+             f"(uint32_t)(uint16_t)wo[{2 * j + 1}] << 16));" for j in range(K2)]
+    body += ["            " + line for line in rq.hoist()]
+    body += ["            for (i = 0; i < n8; i += 8) {",
+             "                __m128i lo = _mm_setzero_si128(), hi = _mm_setzero_si128();"]
+    for j in range(K2):
+        body += [f"                lo = _mm_add_epi32(lo, _mm_madd_epi16(_mm_load_si128((const __m128i *)(xs + {j * 2 * B} + 2 * i)), wp{j}));",
+                 f"                hi = _mm_add_epi32(hi, _mm_madd_epi16(_mm_load_si128((const __m128i *)(xs + {j * 2 * B + 8} + 2 * i)), wp{j}));"]
+    body += ["                _mm_storeu_si128((__m128i *)(acc + i), lo);",
+             "                _mm_storeu_si128((__m128i *)(acc + i + 4), hi);", "            }",
              "            for (i = 0; i < n; i++) {",
              "                " + rq.debug_hoisted("(long)o * %dL + p0 + i" % HW, "acc[i]"),
              f"                yp[i] = {rq.store_hoisted('acc[i]')};",

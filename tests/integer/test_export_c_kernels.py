@@ -3,9 +3,10 @@ convs of odd plane sizes, strides 1 and 2, symmetric and asymmetric padding, non
 5x5 window, Relu6 (Clip) and plain Relu epilogues; 8-bit and 12-bit (int16) codes. The host build
 is compared with the integer reference executor code for code (every quantizer's codes and every
 layer's exact sum), and the kernels the planner should pick are checked in the C text. The row
-kernels (depthwise everywhere but Cortex-M, 1x1 with few input channels on AVX2) are compared
+kernels (depthwise everywhere but Cortex-M, 1x1 with few input channels on x86) are compared
 with the output-stationary ones under -DMXQN_ROW_KERNELS=0 / -DMXQN_ROW_1X1=1, accumulator for
-accumulator."""
+accumulator, and so are the x86 SSE2 (pmaddwd) row kernels, the default on x86, with the portable
+C under -DMXQN_NO_SIMD."""
 
 from __future__ import annotations
 
@@ -105,8 +106,10 @@ def test_row_kernels_match_the_output_stationary_ones(rows, variant, tmp_path):
         assert "(depthwise, row kernel" in src and "(1x1, row kernel" in src
         if rows:
             assert "columns split into 2 phases" in src
+        assert "(1x1, SSE2 pmaddwd kernel" in src and "_mm_madd_epi16" in src
     _, base = _dump(tmp_path / "k", "dbg_rows", x, info["output_size"], ("-DMXQN_ROW_1X1=1",))
-    for flags in [("-DMXQN_ROW_KERNELS=0",), ("-DMXQN_ROW_KERNELS=1", "-DMXQN_ROW_1X1=0")]:
+    for flags in [("-DMXQN_ROW_KERNELS=0",), ("-DMXQN_ROW_KERNELS=1", "-DMXQN_ROW_1X1=0"),
+                  ("-DMXQN_NO_SIMD", "-DMXQN_ROW_1X1=1"), ("-DMXQN_NO_SIMD", "-DMXQN_ROW_1X1=0")]:
         y2, recs = _dump(tmp_path / "k", "dbg", x, info["output_size"], flags)
         assert np.array_equal(y2.view(np.uint32), y.view(np.uint32)), flags
         assert len(recs) == len(base)
