@@ -56,6 +56,18 @@ CONFIGS: Dict[str, dict] = {
     "w4a8-default": {"wbits": 4, "abits": 8},
     "w4a8-paper": {"wbits": 4, "abits": 8, **PAPER},
     "w4a4-default": {"wbits": 4, "abits": 4},
+    # below 8 bits (issue 25): common practice keeps the first and the last layer at 8 bits
+    # (labelled: not every weight is 4-bit; on the layout detector "last" is one of its 4 heads)
+    "w4a8-keep-ends": {"wbits": 4, "abits": 8, "keep_first": True, "keep_last": True, "keep_bits": 8},
+    "w4a4-keep-ends": {"wbits": 4, "abits": 4, "keep_first": True, "keep_last": True, "keep_bits": 8},
+    # every layer per-channel (the default chooses per layer by weight SQNR)
+    "w4a8-channel": {"wbits": 4, "abits": 8, "weight_granularity": "channel"},
+    # diagnosis rows: which layers' 4-bit weights cost. No option puts chosen layers at 8 bits,
+    # so these leave them in float (an upper bound for keeping them at 8 bits): the depthwise
+    # convs; the convs whose outputs reach a graph output through non-conv ops only (the heads)
+    "w4a8-float-dw": {"wbits": 4, "abits": 8, "exclude": "depthwise"},
+    "w4a8-float-heads": {"wbits": 4, "abits": 8, "exclude": "heads"},
+    "w4a16-float-dw": {"wbits": 4, "abits": 16, "exclude": "depthwise"},
     # the defaults without the depthwise input shifts (the default, auto, keeps them where the
     # held-back check measures them better)
     "w8a8-no-dwshift": {"wbits": 8, "abits": 8, "depthwise_shift": "off"},
@@ -140,17 +152,44 @@ def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Pat
         return q, time.perf_counter() - t0, {}
     import mxqn_onnx
 
+    if cfg.get("exclude") in ("depthwise", "heads"):
+        cfg = {**cfg, "exclude": layer_names(onnx.load(str(model_path)), cfg["exclude"])}
     # verification on, as a user runs it: the held-back check of the defaults needs it
     res = mxqn_onnx.quantize(str(model_path), {INPUTS[name]: calib}, **cfg)
     info = {
         "log_activations": f"{sum(a.kind == 'log' for a in res.activations.values())}/{len(res.activations)}",
         "gptq_layers": sum(d.weight.rounding == "gptq" for d in res.layers),
+        # parameter-weighted weight width of the quantized layers, and how many stayed float
+        "avg_wbits": round(sum(d.params * d.weight.bits for d in res.layers) / max(1, sum(d.params for d in res.layers)), 2),
+        "float_layers": len(cfg.get("exclude") or ()) + int(bool(cfg.get("keep_float"))),
         "bias_corrected_layers": sum(d.bias_correction for d in res.layers),
         "holdout_kept": (res.holdout or {}).get("kept"),
         "dw_shifted_tensors": (res.depthwise_shift or {}).get("tensors", 0),
         "timings": {k: round(v, 2) for k, v in res.timings.items()},
     }
     return res.model, time.perf_counter() - t0, info
+
+
+def layer_names(model, which: str) -> List[str]:
+    """The names of the model's depthwise convs (group > 1), or of its heads: the convs whose
+    outputs reach a graph output through other ops only."""
+    nodes = list(model.graph.node)
+    if which == "depthwise":
+        return [n.name for n in nodes if n.op_type == "Conv"
+                and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    prod = {o: n for n in nodes for o in n.output}
+    heads, seen, stack = [], set(), [o.name for o in model.graph.output]
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in prod:
+            continue
+        seen.add(t)
+        n = prod[t]
+        if n.op_type in ("Conv", "Gemm", "MatMul"):
+            heads.append(n.name)
+        else:
+            stack.extend(n.input)
+    return heads
 
 
 def evaluate(name: str, q, x: np.ndarray, y: Optional[np.ndarray], ref: List[np.ndarray]) -> dict:
