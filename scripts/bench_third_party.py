@@ -12,7 +12,11 @@ Configurations: MXQN defaults, without bias correction, the paper's plain method
 rounding, at W8A8 / W6A6 / W4A8, and onnxruntime ``quantize_static`` (QDQ, MinMax, after
 ``quant_pre_process``; per tensor as its defaults, and per channel) at W8A8 (and per channel at W4A8 / W4A4), and NNCF (``nncf-w8a8``: opset 13 +
 ``quant_pre_process``, ``nncf.quantize`` defaults; ``-pow2`` / ``-pow2up``: its scales rounded to
-the nearest power of two / up to one, what the power-of-two constraint alone costs it). Every conversion
+the nearest power of two / up to one, what the power-of-two constraint alone costs it; ``nncf-w4a8`` /
+``nncf-w4a4``: NNCF asked for 4-bit quantizers, which its ONNX backend refuses). Below 8 bits (issue
+25, not in the default set): ``w4a8-keep-ends`` / ``w4a4-keep-ends`` (first and last layer at 8
+bits), ``w4a8-channel`` and the diagnosis rows ``w4a8-float-dw`` / ``w4a8-float-heads`` /
+``w4a16-float-dw`` (those layers left in float). Every conversion
 is timed (API call with verification on, as the held-back check of the defaults needs it).
 
 Data: ``scripts/third_party.py`` (rendered pages; nothing downloaded). Needs
@@ -164,8 +168,9 @@ def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Pat
         "log_activations": f"{sum(a.kind == 'log' for a in res.activations.values())}/{len(res.activations)}",
         "gptq_layers": sum(d.weight.rounding == "gptq" for d in res.layers),
         # parameter-weighted weight width of the quantized layers, and how many stayed float
-        "avg_wbits": round(sum(d.params * d.weight.bits for d in res.layers) / max(1, sum(d.params for d in res.layers)), 2),
-        "float_layers": len(cfg.get("exclude") or ()) + int(bool(cfg.get("keep_float"))),
+        "avg_wbits": round(sum(d.params * d.weight.bits for d in res.layers)
+                           / max(1, sum(d.params for d in res.layers)), 2),
+        "float_layers": len(cfg.get("exclude") or ()),
         "bias_corrected_layers": sum(d.bias_correction for d in res.layers),
         "holdout_kept": (res.holdout or {}).get("kept"),
         "dw_shifted_tensors": (res.depthwise_shift or {}).get("tensors", 0),
