@@ -71,6 +71,9 @@ MXQN_METHODS = {
     "mxqn-paper+gptq": {**PAPER, "rounding": "gptq"},
     "mxqn-paper+outobj": {**PAPER, "act_objective": "output"},
     "mxqn-all": {"rounding": "gptq", "act_objective": "output"},
+    # the defaults with the first and the last layer at 8 bits (common practice below 8 bits;
+    # not every weight at the row's width), verified like mxqn-auto
+    "mxqn-keep-ends": {"keep_first": True, "keep_last": True, "keep_bits": 8},
 }
 TECHNIQUES = [k for k in MXQN_METHODS if k.startswith("mxqn-paper+")]
 ORT_CALIB = ("MinMax", "Entropy", "Percentile")
@@ -266,7 +269,7 @@ def accuracy_part(zoo: Path, names: Sequence[str], bits: Sequence[str], methods:
                         # the defaults row runs as a user runs it: verified, so the held-back
                         # check judges the data-derived defaults; the technique rows measure
                         # their technique alone
-                        verify = method == "mxqn-auto"
+                        verify = method in ("mxqn-auto", "mxqn-keep-ends")
                         res = mxqn_onnx.quantize(path, calib, wbits=wb, abits=ab,
                                                  **{"verify": verify, **MXQN_METHODS[method]})
                         q = res.model

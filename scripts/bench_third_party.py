@@ -12,7 +12,11 @@ Configurations: MXQN defaults, without bias correction, the paper's plain method
 rounding, at W8A8 / W6A6 / W4A8, and onnxruntime ``quantize_static`` (QDQ, MinMax, after
 ``quant_pre_process``; per tensor as its defaults, and per channel) at W8A8 (and per channel at W4A8 / W4A4), and NNCF (``nncf-w8a8``: opset 13 +
 ``quant_pre_process``, ``nncf.quantize`` defaults; ``-pow2`` / ``-pow2up``: its scales rounded to
-the nearest power of two / up to one, what the power-of-two constraint alone costs it). Every conversion
+the nearest power of two / up to one, what the power-of-two constraint alone costs it; ``nncf-w4a8`` /
+``nncf-w4a4``: NNCF asked for 4-bit quantizers, which its ONNX backend refuses). Below 8 bits (issue
+25, not in the default set): ``w4a8-keep-ends`` / ``w4a4-keep-ends`` (first and last layer at 8
+bits), ``w4a8-channel`` and the diagnosis rows ``w4a8-float-dw`` / ``w4a8-float-heads`` /
+``w4a16-float-dw`` (those layers left in float). Every conversion
 is timed (API call with verification on, as the held-back check of the defaults needs it).
 
 Data: ``scripts/third_party.py`` (rendered pages; nothing downloaded). Needs
@@ -56,6 +60,18 @@ CONFIGS: Dict[str, dict] = {
     "w4a8-default": {"wbits": 4, "abits": 8},
     "w4a8-paper": {"wbits": 4, "abits": 8, **PAPER},
     "w4a4-default": {"wbits": 4, "abits": 4},
+    # below 8 bits (issue 25): common practice keeps the first and the last layer at 8 bits
+    # (labelled: not every weight is 4-bit; on the layout detector "last" is one of its 4 heads)
+    "w4a8-keep-ends": {"wbits": 4, "abits": 8, "keep_first": True, "keep_last": True, "keep_bits": 8},
+    "w4a4-keep-ends": {"wbits": 4, "abits": 4, "keep_first": True, "keep_last": True, "keep_bits": 8},
+    # every layer per-channel (the default chooses per layer by weight SQNR)
+    "w4a8-channel": {"wbits": 4, "abits": 8, "weight_granularity": "channel"},
+    # diagnosis rows: which layers' 4-bit weights cost. No option puts chosen layers at 8 bits,
+    # so these leave them in float (an upper bound for keeping them at 8 bits): the depthwise
+    # convs; the convs whose outputs reach a graph output through non-conv ops only (the heads)
+    "w4a8-float-dw": {"wbits": 4, "abits": 8, "exclude": "depthwise"},
+    "w4a8-float-heads": {"wbits": 4, "abits": 8, "exclude": "heads"},
+    "w4a16-float-dw": {"wbits": 4, "abits": 16, "exclude": "depthwise"},
     # the defaults without the depthwise input shifts (the default, auto, keeps them where the
     # held-back check measures them better)
     "w8a8-no-dwshift": {"wbits": 8, "abits": 8, "depthwise_shift": "off"},
@@ -88,6 +104,9 @@ CONFIGS: Dict[str, dict] = {
     # NNCF without its fast bias correction
     "nncf-w8a8-nobc": {"nncf": True, "no_bc": True},
     "nncf-w8a8-nobc-pow2up": {"nncf": True, "no_bc": True, "pow2": "up"},
+    # NNCF asked for 4-bit quantizers (QuantizationParameters(num_bits=4)): the row shows its error
+    "nncf-w4a8": {"nncf": True, "wbits": 4, "abits": 8},
+    "nncf-w4a4": {"nncf": True, "wbits": 4, "abits": 4},
 }
 PEER_CONFIGS = ["ort-w4a8-channel", "ort-w4a4-channel", "nncf-w8a8", "nncf-w8a8-pow2", "nncf-w8a8-pow2up",
                 "nncf-w8a8-nobc", "nncf-w8a8-nobc-pow2up"]
@@ -112,12 +131,13 @@ def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Pat
     if cfg.get("nncf"):
         import peers
 
-        key = (name, id(calib), bool(cfg.get("no_bc")))
+        key = (name, id(calib), bool(cfg.get("no_bc")), cfg.get("wbits", 8), cfg.get("abits", 8))
         if key not in _NNCF:  # one NNCF run per model and calibration set; the pow2 rows reuse it
             pre, out = work / f"{name}_nncf_pre.onnx", work / f"{name}_nncf.onnx"
             peers.prepare(str(model_path), str(pre))
             peers.run_nncf(str(pre), str(out), calib, INPUTS[name], batch=1,
-                           fast_bias_correction=None if cfg.get("no_bc") else True)
+                           fast_bias_correction=None if cfg.get("no_bc") else True,
+                           weight_bits=cfg.get("wbits", 8), act_bits=cfg.get("abits", 8))
             _NNCF[key] = (onnx.load(str(out)), time.perf_counter() - t0)
         q, secs = _NNCF[key]
         if cfg.get("pow2"):
@@ -140,17 +160,45 @@ def convert(model_path: Path, name: str, calib: np.ndarray, cfg: dict, work: Pat
         return q, time.perf_counter() - t0, {}
     import mxqn_onnx
 
+    if cfg.get("exclude") in ("depthwise", "heads"):
+        cfg = {**cfg, "exclude": layer_names(onnx.load(str(model_path)), cfg["exclude"])}
     # verification on, as a user runs it: the held-back check of the defaults needs it
     res = mxqn_onnx.quantize(str(model_path), {INPUTS[name]: calib}, **cfg)
     info = {
         "log_activations": f"{sum(a.kind == 'log' for a in res.activations.values())}/{len(res.activations)}",
         "gptq_layers": sum(d.weight.rounding == "gptq" for d in res.layers),
+        # parameter-weighted weight width of the quantized layers, and how many stayed float
+        "avg_wbits": round(sum(d.params * d.weight.bits for d in res.layers)
+                           / max(1, sum(d.params for d in res.layers)), 2),
+        "float_layers": len(cfg.get("exclude") or ()),
         "bias_corrected_layers": sum(d.bias_correction for d in res.layers),
         "holdout_kept": (res.holdout or {}).get("kept"),
         "dw_shifted_tensors": (res.depthwise_shift or {}).get("tensors", 0),
         "timings": {k: round(v, 2) for k, v in res.timings.items()},
     }
     return res.model, time.perf_counter() - t0, info
+
+
+def layer_names(model, which: str) -> List[str]:
+    """The names of the model's depthwise convs (group > 1), or of its heads: the convs whose
+    outputs reach a graph output through other ops only."""
+    nodes = list(model.graph.node)
+    if which == "depthwise":
+        return [n.name for n in nodes if n.op_type == "Conv"
+                and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    prod = {o: n for n in nodes for o in n.output}
+    heads, seen, stack = [], set(), [o.name for o in model.graph.output]
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in prod:
+            continue
+        seen.add(t)
+        n = prod[t]
+        if n.op_type in ("Conv", "Gemm", "MatMul"):
+            heads.append(n.name)
+        else:
+            stack.extend(n.input)
+    return heads
 
 
 def evaluate(name: str, q, x: np.ndarray, y: Optional[np.ndarray], ref: List[np.ndarray]) -> dict:

@@ -43,12 +43,13 @@ def prepare(path: str, out: str, opset: int = 13) -> str:
 
 def run_nncf(pre_path: str, out_path: str, calib: np.ndarray, input_name: str, batch: int = 16,
              fast_bias_correction: Optional[bool] = True, preset: Optional[str] = None,
-             activation_ranges: Optional[str] = None) -> None:
+             activation_ranges: Optional[str] = None, weight_bits: int = 8, act_bits: int = 8) -> None:
     """``nncf.quantize`` on every calibration sample (in batches of ``batch``); saved to ``out_path``.
     ``fast_bias_correction=None``: no bias correction at all. ``activation_ranges="minmax"``:
     activation ranges from the minimum and maximum over all batches (NNCF's default,
     ``MEAN_MINMAX``, averages each batch's minimum and maximum: it clips, more so the smaller
-    the batches)."""
+    the batches). ``weight_bits`` / ``act_bits`` other than 8 are passed as NNCF's
+    ``QuantizationParameters(num_bits=...)`` (its ONNX backend refuses them: see the tables)."""
     import nncf
     import onnx
 
@@ -66,6 +67,11 @@ def run_nncf(pre_path: str, out_path: str, calib: np.ndarray, input_name: str, b
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
         adv["activations_range_estimator_params"] = RangeEstimatorParametersSet.MINMAX
+    if weight_bits != 8 or act_bits != 8:
+        from nncf.quantization.advanced_parameters import QuantizationParameters
+
+        adv["weights_quantization_params"] = QuantizationParameters(num_bits=weight_bits)
+        adv["activations_quantization_params"] = QuantizationParameters(num_bits=act_bits)
     if adv:
         kw["advanced_parameters"] = nncf.AdvancedQuantizationParameters(**adv)
     if preset is not None:
