@@ -34,6 +34,29 @@ def _end_inside(pad: int, stride: int, span: int, n: int, out: int) -> int:
     return 0 if last < 0 else min(out, last // stride + 1)
 
 
+def _tap_sum(dst: str, xr: str, c: dict, row: int) -> List[str]:
+    """C lines summing one window's taps into int32 ``dst``, reading the plane at ``xr``
+    (``row`` values per plane row): written out up to 5x5, a loop over ``wo`` beyond."""
+    KH, KW, DH, DW = c["KH"], c["KW"], c["DH"], c["DW"]
+    if KH * KW <= 25:
+        return [f"const int32_t {dst} = " + " + ".join(
+            f"w{ky * KW + kx} * {xr}[{ky * DH * row + kx * DW}]" for ky in range(KH) for kx in range(KW)) + ";"]
+    return [f"int32_t {dst} = 0;",
+            f"for (ky = 0; ky < {KH}; ky++)",
+            f"    for (kx = 0; kx < {KW}; kx++)",
+            f"        {dst} += (int32_t)wo[ky * {KW} + kx] * {xr}[(long)ky * {DH * row} + kx * {DW}];"]
+
+
+def _store(sum_expr: str, ox: str, c: dict, epilogue: List[str], rq: Optional[FastRequant]) -> List[str]:
+    """C lines putting one output's sum through the layer's epilogue (``yr`` row, or ``oi``)."""
+    OH, OW = c["OH"], c["OW"]
+    if rq is not None:
+        return [rq.debug_hoisted(f"(long)o * {OH * OW}L + (long)oy * {OW} + {ox}", sum_expr),
+                f"yr[{ox}] = {rq.store_hoisted(sum_expr)};"]
+    return ["{", f"    const int32_t sum = {sum_expr};", f"    oi = (long)o * {OH * OW}L + (long)oy * {OW} + {ox};"] + \
+        ["    " + line for line in epilogue] + ["}"]
+
+
 def padded_plane(p: dict):
     """(rows, columns) of the zero-padded int16 copy of one channel's plane that every window
     fits in, or None when every window is inside the plane already (no padding to add)."""
@@ -81,20 +104,10 @@ def _padded(consts: Consts, s: Step, fname: str, epilogue: List[str], rq: Option
     unrolled = len(taps) <= 25
 
     def inside(dst: str, xr: str) -> List[str]:
-        if unrolled:
-            return [f"const int32_t {dst} = " + " + ".join(
-                f"w{t} * {xr}[{ky * DH * WP + kx * DW}]" for t, (ky, kx) in enumerate(taps)) + ";"]
-        return [f"int32_t {dst} = 0;",
-                f"for (ky = 0; ky < {KH}; ky++)",
-                f"    for (kx = 0; kx < {KW}; kx++)",
-                f"        {dst} += (int32_t)wo[ky * {KW} + kx] * {xr}[ky * {DH * WP} + kx * {DW}];"]
+        return _tap_sum(dst, xr, c, WP)
 
     def store(sum_expr: str, ox: str) -> List[str]:
-        if rq is not None:
-            return [rq.debug_hoisted(f"(long)o * {OH * OW}L + (long)oy * {OW} + {ox}", sum_expr),
-                    f"yr[{ox}] = {rq.store_hoisted(sum_expr)};"]
-        return ["{", f"    const int32_t sum = {sum_expr};", f"    oi = (long)o * {OH * OW}L + (long)oy * {OW} + {ox};"] + \
-            ["    " + line for line in epilogue] + ["}"]
+        return _store(sum_expr, ox, c, epilogue, rq)
 
     ind = lambda lines, n: [" " * n + line for line in lines]  # noqa: E731
     body = [
@@ -260,20 +273,10 @@ def _depthwise(consts: Consts, s: Step, fname: str, epilogue: List[str], rq: Opt
     unrolled = len(taps) <= 25
 
     def inside(dst: str, xr: str) -> List[str]:
-        if unrolled:
-            return [f"const int32_t {dst} = " + " + ".join(
-                f"w{t} * {xr}[{ky * DH * W + kx * DW}]" for t, (ky, kx) in enumerate(taps)) + ";"]
-        return [f"int32_t {dst} = 0;",
-                f"for (ky = 0; ky < {KH}; ky++)",
-                f"    for (kx = 0; kx < {KW}; kx++)",
-                f"        {dst} += (int32_t)wo[ky * {KW} + kx] * {xr}[(long)ky * {DH * W} + kx * {DW}];"]
+        return _tap_sum(dst, xr, c, W)
 
     def store(sum_expr: str, ox: str) -> List[str]:
-        if rq is not None:
-            return [rq.debug_hoisted(f"(long)o * {OH * OW}L + (long)oy * {OW} + {ox}", sum_expr),
-                    f"yr[{ox}] = {rq.store_hoisted(sum_expr)};"]
-        return ["{", f"    const int32_t sum = {sum_expr};", f"    oi = (long)o * {OH * OW}L + (long)oy * {OW} + {ox};"] + \
-            ["    " + line for line in epilogue] + ["}"]
+        return _store(sum_expr, ox, c, epilogue, rq)
 
     def border(ox: str) -> List[str]:
         return ["{", f"    const int ix0 = {ox} * {SW} - {PL};", "    int32_t sb = 0;",

@@ -75,14 +75,14 @@ def test_shipped_zoo_vgg16_on_the_board_is_bit_identical_to_the_host(tmp_path):
     assert insns >= info["macs"]
 
 
-ZOO_NET = ZOO / "digits_resnet18.onnx"
-
-
-@pytest.mark.skipif(not ZOO_NET.exists(), reason="no zoo model in cache/zoo (scripts/train_zoo.py)")
-def test_zoo_resnet18_on_the_board_is_bit_identical_to_the_host(tmp_path):
-    model = mxqn_onnx.quantize(ZOO_NET, ZOO / "digits_calib.npz", **FAST, act_quant="fixed").model
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.skipif(not (ZOO / f"{n}.onnx").exists(),
+                                             reason="no zoo model in cache/zoo (scripts/train_zoo.py)"))
+    for n in ("digits_resnet18", "digits_mobilenetv2")])
+def test_zoo_net_on_the_board_is_bit_identical_to_the_host(name, tmp_path):
+    model = mxqn_onnx.quantize(ZOO / f"{name}.onnx", ZOO / "digits_calib.npz", **FAST, act_quant="fixed").model
     x = np.load(ZOO / "digits_test.npz")["input"][:2]
-    info, insns = _board_vs_host(model, x, tmp_path / "r18")
+    info, insns = _board_vs_host(model, x, tmp_path / name)
     assert insns >= info["macs"]
 
 
@@ -93,15 +93,4 @@ def test_fast_kernels_on_the_board_are_bit_identical_to_the_host(tmp_path):
 
     model = mxqn_onnx.quantize(_kernels_model(), {"x": _data(64, 0)}, **FAST, act_quant="fixed").model
     info, insns = _board_vs_host(model, _data(3, 1), tmp_path / "k")
-    assert insns >= info["macs"]
-
-
-ZOO_MOBILE = ZOO / "digits_mobilenetv2.onnx"
-
-
-@pytest.mark.skipif(not ZOO_MOBILE.exists(), reason="no zoo model in cache/zoo (scripts/train_zoo.py)")
-def test_zoo_mobilenetv2_on_the_board_is_bit_identical_to_the_host(tmp_path):
-    model = mxqn_onnx.quantize(ZOO_MOBILE, ZOO / "digits_calib.npz", **FAST, act_quant="fixed").model
-    x = np.load(ZOO / "digits_test.npz")["input"][:2]
-    info, insns = _board_vs_host(model, x, tmp_path / "mb2")
     assert insns >= info["macs"]
