@@ -366,3 +366,46 @@ def test_layer_output_quantizers_share_the_block_input_with_the_residual_add(tmp
     ref = ort.InferenceSession(on.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ort.InferenceSession(on.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert Q.sqnr_of(ref, got) > 60.0
+
+
+def _uneven_channels_net(seed: int = 0) -> onnx.ModelProto:
+    """conv1 (channel 0 about 1000x the others) -> per-channel Mul that evens them -> Relu ->
+    conv2: a quantizer on conv1's output (one step for all channels) loses the small
+    channels, the one on conv2's input (after the Mul) does not."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    w1[0] *= 1000.0
+    scale = np.array([1e-3, 1.0, 1.0, 1.0], np.float32).reshape(1, 4, 1, 1)
+    w2 = (rng.standard_normal((5, 4, 3, 3)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c1", "s"], ["m"], name="even"),
+             helper.make_node("Relu", ["m"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "uneven", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8, 8])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(scale, "s"),
+                           numpy_helper.from_array(w2, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_layer_output_quantizers_are_dropped_where_they_cost_accuracy():
+    from graph_helpers import cnn_inputs
+
+    model = _uneven_channels_net()
+    x = cnn_inputs(64)
+    kw = dict(format="qdq", weight_granularity="channel")  # per channel, so conv1 keeps its small channels
+    r = mxqn_onnx.quantize(model, {"x": x}, **kw)
+    ho = r.holdout
+    assert ho["layer_output_quantizers"] == {"default": 1, "written": 0}
+    assert ho["kept"] in ("no layer-output quantizers", "paper")
+    assert ho["sqnr_db"]["default"] < ho["sqnr_db"][ho["kept"]] - 10.0  # the small channels lost
+    assert qdq.layer_output_pairs(r.model) == 0 and r.config.qdq_layer_outputs == "off"
+    assert "(the 1 tried were less accurate on held-back samples)" in "\n".join(summary_lines(r.report()))
+    # forced on, they are written (and cost what the check measured)
+    on = mxqn_onnx.quantize(model, {"x": x}, **kw, qdq_layer_outputs="on")
+    assert qdq.layer_output_pairs(on.model) == 1
+    assert on.comparison.output_sqnr_db < r.comparison.output_sqnr_db - 10.0
