@@ -367,7 +367,7 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     unshifted = prepared.unshifted
     # layer-output quantizers (qdq) are for the runtime's fused kernels, not the paper's method
     pairs = qdq.layer_output_pairs(default.model)
-    outputs_on_trial = config.qdq_layer_outputs == "auto" and pairs > 0
+    outputs_on_trial = config.layer_outputs_on_trial and pairs > 0
     # what was asked for ("on") is no data-derived default: the plain candidate keeps it
     plain = dataclasses.replace(config, bias_correction=False, rounding="nearest", act_objective="tensor",
                                 depthwise_shift="off" if unshifted is not None else config.depthwise_shift,

@@ -286,6 +286,11 @@ class QuantConfig:
         under ``auto`` the held-back check may still drop them)."""
         return self.format == "qdq" and self.qdq_layer_outputs != "off"
 
+    @property
+    def layer_outputs_on_trial(self) -> bool:
+        """Whether the held-back check decides on the layer-output quantizers (``qdq``, ``auto``)."""
+        return self.format == "qdq" and self.qdq_layer_outputs == "auto"
+
     def rounds_with_data(self, wbits: int, model_cost: float = float("inf")) -> bool:
         """Whether weights of ``wbits`` get data-aware rounding, in a model whose rounding is
         estimated at ``model_cost`` multiply-adds (:func:`mxqn_onnx.lowbit.rounding.estimated_cost`)."""

@@ -404,8 +404,8 @@ def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
         if (config.calib_count or source.total) else None
     if total is None or total < 4 * HELD_BACK_MIN:
         return 0
-    outputs = config.quantizes_layer_outputs and config.qdq_layer_outputs == "auto"
-    if not config.bias_correction and config.rounding == "nearest" and not shifts and not outputs:
+    if not config.bias_correction and config.rounding == "nearest" and not shifts \
+            and not config.layer_outputs_on_trial:
         return 0
     count = int(min(HELD_BACK_MAX, max(HELD_BACK_MIN, total // 4)))
     b = fixed_batch(source.specs) or 1  # whole batches only, where the model fixes the batch size
