@@ -84,7 +84,7 @@ class QuantConfig:
             conversion without; tried only where some channel needs a shift of 4 or more, and not
             where that check cannot run). ``True``/``False``
             stand for ``on``/``off``.
-        holdout: hold back the first calibration samples (a quarter, 2 to 8) from the channel
+        holdout: hold back the first calibration samples (a quarter, 2 to 32) from the channel
             means of bias correction and from the samples of data-aware rounding, then keep
             the default, or the conversion without bias correction, or without depthwise shifts,
             or the paper's plain method (no bias correction, round to nearest, no shifts),

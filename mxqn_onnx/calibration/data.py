@@ -387,7 +387,7 @@ def _dispatch(data, specs, batch_size, preprocess, image_size, random_count) -> 
 
 
 #: held-back samples: a quarter of the calibration set, within these bounds
-HELD_BACK_MIN, HELD_BACK_MAX = 2, 8
+HELD_BACK_MIN, HELD_BACK_MAX = 2, 32
 
 
 def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
