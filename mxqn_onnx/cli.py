@@ -15,7 +15,7 @@ from rich.console import Console
 from ._version import __version__
 from .calibration.data import PREPROCESSING
 from .config import (ACT_MODES, AUTO_ROUNDING_MAX_BITS, BIAS_MEANS, DEPTHWISE_SHIFTS, EQUALIZE, FORMATS,
-                     LAYER_OUTPUTS, QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES, ROUNDINGS, SENSITIVITIES, QuantConfig)
+                     KEEP_ENDS, LAYER_OUTPUTS, QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES, ROUNDINGS, SENSITIVITIES, QuantConfig)
 from .errors import MxqnError
 from .writing import check_replaceable
 
@@ -58,6 +58,10 @@ def _add_convert(sub) -> None:
     q.add_argument("--keep-last", action="store_true", help="keep the last layer at --keep-bits")
     q.add_argument("--keep-bits", type=int, default=8, help="bits for --keep-first/--keep-last (default 8)")
     q.add_argument("--keep-float", action="store_true", help="keep those layers in float instead")
+    q.add_argument("--keep-ends", choices=KEEP_ENDS, default=QuantConfig.keep_ends,
+                   help="auto: below --keep-bits, the held-back check also tries the first and last layer "
+                        "at --keep-bits and keeps them there where that measures better; off: never "
+                        "(default auto)")
     q.add_argument("--weight-clip", action="store_true",
                    help="let weight fractional lengths clip the largest weights when that raises "
                         "weight SQNR (off: it usually lowers output SQNR at low bit widths)")
@@ -384,6 +388,7 @@ def cmd_convert(args, console: Console, err: Console) -> int:
         wbits=args.wbits, abits=args.abits, weight_granularity=args.weight_granularity,
         act_quant=args.act_quant, log_margin_db=args.log_margin, exclude=tuple(args.exclude),
         keep_first=args.keep_first, keep_last=args.keep_last, keep_float=args.keep_float,
+        keep_ends=args.keep_ends,
         keep_bits=args.keep_bits, calib_count=args.calib_count, batch_size=args.batch_size,
         verify=not args.no_verify, verify_count=args.verify_count, class_outputs=tuple(args.class_output),
         bias_correction=not args.no_bias_correction, weight_clip=args.weight_clip,

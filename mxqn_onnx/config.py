@@ -20,6 +20,7 @@ EQUALIZE = ("off", "pow2", "float")
 DEPTHWISE_SHIFTS = ("auto", "on", "off")
 #: Whether ``qdq`` quantizes layer outputs no quantizer follows (see QuantConfig)
 LAYER_OUTPUTS = ("auto", "on", "off")
+KEEP_ENDS = ("auto", "off")
 BIAS_MEANS = ("auto", "data", "batchnorm")
 #: under rounding="auto", data-aware rounding is used at or below this weight width, and at
 #: any width when the whole model's rounding is estimated under AUTO_ROUNDING_BUDGET
@@ -45,6 +46,9 @@ class QuantConfig:
         exclude: node names or glob patterns to leave in float.
         keep_first / keep_last: keep the first / last quantizable layer at ``keep_bits``
             (or in float when ``keep_float``).
+        keep_ends: ``auto`` (below ``keep_bits``, with neither of the two set, the held-back
+            check also converts with the first and last layer at ``keep_bits`` and keeps that
+            where it measures better) or ``off``.
         calib_count: use at most this many calibration samples (None: all).
         batch_size: samples per onnxruntime run during calibration.
         verify: after rewriting, run FP32 and quantized models and measure output SQNR.
@@ -143,6 +147,7 @@ class QuantConfig:
     keep_last: bool = False
     keep_float: bool = False
     keep_bits: int = 8
+    keep_ends: str = "auto"
     calib_count: Optional[int] = None
     batch_size: int = 16
     verify: bool = True
@@ -202,6 +207,8 @@ class QuantConfig:
         if self.data_samples == 0 and (self.rounding == "gptq" or self.act_objective == "output"):
             what = "rounding gptq" if self.rounding == "gptq" else "act_objective output"
             raise MxqnError(f"{what} needs kept calibration samples; data_samples must be at least 1")
+        if self.keep_ends not in KEEP_ENDS:
+            raise MxqnError(f"keep_ends must be one of {', '.join(KEEP_ENDS)}, got {self.keep_ends!r}")
         if isinstance(self.qdq_layer_outputs, bool):
             self.qdq_layer_outputs = "on" if self.qdq_layer_outputs else "off"
         if self.qdq_layer_outputs not in LAYER_OUTPUTS:
@@ -290,6 +297,13 @@ class QuantConfig:
     def layer_outputs_on_trial(self) -> bool:
         """Whether the held-back check decides on the layer-output quantizers (``qdq``, ``auto``)."""
         return self.format == "qdq" and self.qdq_layer_outputs == "auto"
+
+    @property
+    def keep_ends_on_trial(self) -> bool:
+        """Whether the held-back check also tries the first and last layer at ``keep_bits``
+        (``keep_ends`` auto, uniform widths below ``keep_bits``, neither end set by hand)."""
+        return (self.keep_ends == "auto" and not (self.keep_first or self.keep_last or self.keep_float)
+                and self.allocation_mode is None and min(self.wbits, self.abits) < self.keep_bits)
 
     def rounds_with_data(self, wbits: int, model_cost: float = float("inf")) -> bool:
         """Whether weights of ``wbits`` get data-aware rounding, in a model whose rounding is

@@ -59,7 +59,7 @@ BITS = ("W8A8", "W6A6", "W5A5", "W4A8", "W4A4")
 #: MXQN configurations: the defaults, the two single-quantizer modes, and one row per low-bit
 #: technique on top of the paper's method alone (``mxqn-paper``: no bias correction, round to
 #: nearest, tensor-SQNR activations, no equalization), so each row shows what that technique buys
-PAPER = {"bias_correction": False, "rounding": "nearest", "depthwise_shift": "off"}
+PAPER = {"bias_correction": False, "rounding": "nearest", "depthwise_shift": "off", "keep_ends": "off"}
 MXQN_METHODS = {
     "mxqn-auto": {},
     "mxqn-fixed": {"act_quant": "fixed"},

@@ -80,14 +80,17 @@ def load(model_key: str, args):
 
 # --------------------------------------------------------------------------- confidence rules (replayed, not the package's)
 
-#: what each held-back candidate drops from the default's data-derived techniques
-DROPS = {"default": (), "no bias correction": ("bias correction",), "no depthwise shift": ("depthwise shift",),
-         "paper": ("bias correction", "rounding", "depthwise shift", "objective")}
-ALL_TECHNIQUES = frozenset(("bias correction", "rounding", "depthwise shift", "objective"))
+#: what each held-back candidate leaves out of all the techniques the check tries (the default
+#: leaves out only the ends at 8 bits, which a candidate of their own adds)
+DROPS = {"default": ("ends",), "no bias correction": ("bias correction", "ends"),
+         "no depthwise shift": ("depthwise shift", "ends"), "no layer-output quantizers": ("layer outputs", "ends"),
+         "first and last layer at 8 bits": (),
+         "paper": ("bias correction", "rounding", "depthwise shift", "objective", "layer outputs", "ends")}
+ALL_TECHNIQUES = frozenset(("bias correction", "rounding", "depthwise shift", "objective", "layer outputs", "ends"))
 
 
 def techniques_of(name: str) -> FrozenSet[str]:
-    """The data-derived techniques a candidate named ``name`` keeps (of those the default used)."""
+    """The techniques a candidate named ``name`` keeps (of those the check tries)."""
     return ALL_TECHNIQUES - set(DROPS[name])
 
 

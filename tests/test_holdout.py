@@ -122,3 +122,48 @@ def test_held_back_samples_of_a_large_calibration_set_are_the_first_32(digits_mo
     assert res.holdout["held_back_samples"] == 32
     assert res.held_back_comparison.samples == 32
     assert res.comparison.samples >= 32
+
+
+KEEP_ENDS = "first and last layer at 8 bits"
+
+
+def test_first_and_last_layer_at_8_bits_is_a_candidate_below_8_bits(digits_model, digits_calib):
+    """At 4 bits the check also converts with the first and last layer at keep_bits; that
+    candidate is exactly the conversion with --keep-first --keep-last (its untouched layers
+    taken from the default's choices: the same held-back figure to the last bit), and it is
+    kept only where it measures best. On the digits CNN it is kept at both widths."""
+    for abits in (8, 4):
+        res = mxqn_onnx.quantize(digits_model, digits_calib, wbits=4, abits=abits)
+        ho = res.holdout
+        assert KEEP_ENDS in ho["sqnr_db"]
+        assert ho["sqnr_db"][ho["kept"]] == max(ho["sqnr_db"].values())
+        explicit = mxqn_onnx.quantize(digits_model, digits_calib, wbits=4, abits=abits,
+                                      keep_first=True, keep_last=True)
+        assert KEEP_ENDS not in explicit.holdout["sqnr_db"]  # set by hand: nothing to try
+        assert explicit.holdout["sqnr_db"]["default"] == ho["sqnr_db"][KEEP_ENDS]
+        bits = [d.weight.bits for d in res.layers]
+        assert ho["kept"] == KEEP_ENDS  # 30.7 against 21.8 dB (W4A8), 23.0 against 15.4 dB (W4A4)
+        assert bits[0] == bits[-1] == 8 and set(bits[1:-1]) == {4}
+        assert res.config.keep_first and res.config.keep_last
+        if explicit.holdout["kept"] == "default":  # else it wrote another of its candidates
+            assert [d.to_dict() for d in res.layers] == [d.to_dict() for d in explicit.layers]
+
+
+def test_keep_ends_not_tried_at_8_bits_off_or_by_hand(digits_model, digits_calib):
+    assert KEEP_ENDS not in mxqn_onnx.quantize(digits_model, digits_calib).holdout["sqnr_db"]
+    off = mxqn_onnx.quantize(digits_model, digits_calib, wbits=4, abits=8, keep_ends="off")
+    assert KEEP_ENDS not in off.holdout["sqnr_db"] and {d.weight.bits for d in off.layers} == {4}
+    with pytest.raises(mxqn_onnx.MxqnError, match="keep_ends must be one of auto, off"):
+        mxqn_onnx.quantize(digits_model, digits_calib, keep_ends="on")
+
+
+def test_keep_ends_cli(tmp_path, digits_model, digits_calib):
+    from conftest import run_cli
+
+    out = tmp_path / "q.onnx"
+    r = run_cli("convert", digits_model, out, "--calib", digits_calib, "--wbits", "4", "--keep-ends", "off")
+    assert r.returncode == 0, r.stderr
+    assert KEEP_ENDS not in r.stdout and "checked on 32 held-back" in r.stdout
+    bad = run_cli("convert", digits_model, tmp_path / "b.onnx", "--calib", digits_calib, "--keep-ends", "yes")
+    assert bad.returncode == 2 and "--keep-ends" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "b.onnx").exists()

@@ -396,7 +396,8 @@ def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
     Only where the check can run: verification on, uniform widths (mixed precision measures
     its own candidates), a known sample count of at least 4 * HELD_BACK_MIN, and something
     data-derived to check (bias correction from data means, data-aware rounding, the
-    depthwise input shifts when ``shifts``, or ``auto`` layer-output quantizers).
+    depthwise input shifts when ``shifts``, ``auto`` layer-output quantizers, or the first
+    and last layer at ``keep_bits``).
     """
     if not config.holdout or not config.verify or config.allocation_mode is not None:
         return 0
@@ -405,7 +406,7 @@ def held_back_count(config, source: DataSource, shifts: bool = False) -> int:
     if total is None or total < 4 * HELD_BACK_MIN:
         return 0
     if not config.bias_correction and config.rounding == "nearest" and not shifts \
-            and not config.layer_outputs_on_trial:
+            and not config.layer_outputs_on_trial and not config.keep_ends_on_trial:
         return 0
     count = int(min(HELD_BACK_MAX, max(HELD_BACK_MIN, total // 4)))
     b = fixed_batch(source.specs) or 1  # whole batches only, where the model fixes the batch size

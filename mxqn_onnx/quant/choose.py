@@ -382,7 +382,8 @@ def _measure_layer(dec: LayerDecision, layer: Layer, w_rows, wq: np.ndarray, x_r
 def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: QuantConfig,
                bits: Optional[Sequence[Tuple[int, int]]] = None,
                samples: Optional[Dict[str, np.ndarray]] = None,
-               means: Optional[Dict[str, np.ndarray]] = None):
+               means: Optional[Dict[str, np.ndarray]] = None,
+               reuse: Optional[Tuple[List[LayerDecision], Dict[str, ActDecision], QuantConfig]] = None):
     """Decisions for every layer; activation quantizers shared by tensor name.
 
     ``bits`` gives each layer's ``(weight bits, activation bits)`` (mixed precision, see
@@ -394,40 +395,45 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
     (``config.act_objective``), data-aware rounding and per-layer output measurements.
     ``means`` replaces the measured input channel means of bias correction (BatchNorm
     priors, :func:`mxqn_onnx.lowbit.correction.prior_input_means`; tensors missing: no correction).
+    ``reuse``: the decisions, activations and config of a choice for the same layers, data and
+    settings that differs from ``config`` in ``keep_first``/``keep_last`` at most: a tensor
+    whose width did not change keeps its quantizer, and a layer whose widths and input
+    quantizer did not change keeps its decision (each is a function of exactly those), so
+    only the layers whose width changed are chosen again.
     """
     samples = samples or {}
     cost = model_rounding_cost(layers)
     if bits is not None and len(bits) != len(layers):
         raise ValueError(f"bits has {len(bits)} entries for {len(layers)} layers")
-    bits_for: Dict[int, tuple] = {}
-    for i, layer in enumerate(layers):
-        keep = (config.keep_first and i == 0) or (config.keep_last and i == len(layers) - 1)
-        if bits is not None:
-            bits_for[i] = (int(bits[i][0]), int(bits[i][1]))
-        else:
-            bits_for[i] = (config.keep_bits, config.keep_bits) if keep else (config.wbits, config.abits)
-    act_bits: Dict[str, int] = {}
-    for i, layer in enumerate(layers):
-        t = layer.data.name
-        act_bits[t] = max(act_bits.get(t, 0), bits_for[i][1])
+    bits_for = layer_widths(layers, config, bits)
+    act_bits = input_widths(layers, bits_for)
+    old_decisions, old_acts, old_bits, old_act_bits = [], {}, {}, {}
+    if reuse is not None and bits is None:
+        old_decisions, old_acts, old_config = reuse
+        old_bits = layer_widths(layers, old_config)
+        old_act_bits = input_widths(layers, old_bits)
+    again = [t for t in act_bits if old_act_bits.get(t) != act_bits[t] or t not in old_acts]
     # Tensors and layers are scored independently and numpy releases the GIL in the large
     # array operations, so a thread per core shortens this step (map keeps the order).
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        acts = dict(zip(act_bits, pool.map(
-            lambda tb: choose_activation(hists[tb[0]], tb[1], config.act_mode, config.log_margin_db),
-            act_bits.items())))
+        fresh = dict(zip(again, pool.map(
+            lambda t: choose_activation(hists[t], act_bits[t], config.act_mode, config.log_margin_db), again)))
         if config.act_objective == "output" and samples:
             by_tensor: Dict[str, List[Layer]] = {}
             for layer in layers:
                 by_tensor.setdefault(layer.data.name, []).append(layer)
-            refined = pool.map(lambda t: _refine(acts[t], hists[t], by_tensor[t], samples.get(t), config),
-                               list(acts))
-            acts = dict(zip(list(acts), refined))
-        decisions = list(pool.map(
-            lambda il: decide_layer(il[1], acts[il[1].data.name], bits_for[il[0]][0], config,
-                                    _mean_in(il[1].data.name, hists, means), samples.get(il[1].data.name),
-                                    cost, hists[il[1].data.name]),
-            enumerate(layers)))
+            refined = pool.map(lambda t: _refine(fresh[t], hists[t], by_tensor[t], samples.get(t), config),
+                               list(fresh))
+            fresh = dict(zip(list(fresh), refined))
+        acts = {t: fresh[t] if t in fresh else old_acts[t] for t in act_bits}
+        redo = [i for i, layer in enumerate(layers)
+                if i >= len(old_decisions) or old_bits.get(i) != bits_for[i] or layer.data.name in fresh]
+        redone = dict(zip(redo, pool.map(
+            lambda i: decide_layer(layers[i], acts[layers[i].data.name], bits_for[i][0], config,
+                                   _mean_in(layers[i].data.name, hists, means), samples.get(layers[i].data.name),
+                                   cost, hists[layers[i].data.name]),
+            redo)))
+        decisions = [redone[i] if i in redone else old_decisions[i] for i in range(len(layers))]
     if config.quantizes_layer_outputs:
         # a fixed-point quantizer on each layer output that other ops read (the rewrite puts it
         # only where no quantizer follows the layer yet), so the layer can fuse
@@ -436,6 +442,29 @@ def choose_all(layers: List[Layer], hists: Dict[str, TensorHistogram], config: Q
             if y.name not in acts and y.name in hists and y.outputs:
                 acts[y.name] = choose_activation(hists[y.name], bits_for[i][1], "fixed", config.log_margin_db)
     return decisions, acts
+
+
+def layer_widths(layers: List[Layer], config: QuantConfig,
+                 bits: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[int, Tuple[int, int]]:
+    """Each layer's ``(weight bits, activation bits)``: ``bits`` when given (mixed precision),
+    else ``wbits``/``abits``, and ``keep_bits`` for the ``keep_first``/``keep_last`` layers."""
+    out = {}
+    for i in range(len(layers)):
+        keep = (config.keep_first and i == 0) or (config.keep_last and i == len(layers) - 1)
+        if bits is not None:
+            out[i] = (int(bits[i][0]), int(bits[i][1]))
+        else:
+            out[i] = (config.keep_bits, config.keep_bits) if keep else (config.wbits, config.abits)
+    return out
+
+
+def input_widths(layers: List[Layer], widths: Dict[int, Tuple[int, int]]) -> Dict[str, int]:
+    """Each layer input tensor's activation width: the highest its readers ask for."""
+    out: Dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        t = layer.data.name
+        out[t] = max(out.get(t, 0), widths[i][1])
+    return out
 
 
 def model_rounding_cost(layers: List[Layer]) -> float:
