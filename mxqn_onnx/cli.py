@@ -46,7 +46,9 @@ def _add_convert(sub) -> None:
     q.add_argument("--wbits", type=int, default=8, help="weight bits (default 8)")
     q.add_argument("--abits", type=int, default=8, help="activation bits (default 8)")
     q.add_argument("--weight-granularity", choices=GRANULARITIES, default="auto",
-                   help="fractional length per tensor, per output channel, or chosen per layer by SQNR (auto)")
+                   help="fractional length per tensor, per output channel, or chosen per layer (auto: per "
+                        "channel where that raises the mean of the output channels' own weight SQNRs "
+                        "by more than 0.5 dB)")
     q.add_argument("--act-quant", choices=ACT_MODES, default=None,
                    help="activation quantizer: fixed, log, or chosen per tensor by SQNR (auto); "
                         "default auto for --format mxqn, fixed for --format qdq")

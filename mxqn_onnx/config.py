@@ -36,9 +36,13 @@ class QuantConfig:
     Attributes:
         wbits: weight bit width (2..16).
         abits: activation bit width (2..16).
-        weight_granularity: ``auto`` (per layer, by SQNR), ``tensor`` or ``channel``.
+        weight_granularity: ``auto`` (per layer, by the output channels' SQNRs), ``tensor`` or
+            ``channel``.
         channel_gain_db: under ``auto``, per-channel fractional lengths are used when they
-            raise the weight SQNR by more than this many dB.
+            raise the mean over output channels of each channel's own weight SQNR (in dB,
+            capped at ``6.02 b + 10``; all-zero channels left out) by more than this many dB.
+            Not the tensor-wide SQNR, which the largest channels dominate: one step for a
+            layer whose one channel is 1000x the others zeroes the small ones at ~39 dB.
         act_quant: ``auto`` (fixed or log per tensor, by SQNR), ``fixed`` or ``log``; None (the
             default) is ``auto`` for format ``mxqn`` and ``fixed`` for ``qdq`` (see :attr:`act_mode`).
         log_margin_db: under ``auto``, log is chosen only when it beats fixed point by more

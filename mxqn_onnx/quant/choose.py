@@ -30,6 +30,12 @@ class WeightDecision:
     sqnr_db: float
     sqnr_tensor_db: float
     sqnr_channel_db: Optional[float]
+    #: mean over output channels of each channel's own SQNR (capped at
+    #: :func:`~mxqn_onnx.quant.quantizers.channel_sqnr_cap_db`, all-zero channels left out),
+    #: with the per-tensor step / with per-channel steps: what ``auto`` decides on
+    #: (None: not scored, i.e. no channel axis or ``tensor`` granularity)
+    sqnr_channels_mean_tensor_db: Optional[float] = None
+    sqnr_channels_mean_channel_db: Optional[float] = None
     #: "nearest" or "gptq" (data-aware, :mod:`mxqn_onnx.lowbit.rounding`)
     rounding: str = "nearest"
     #: the layer's output SQNR from weight quantization alone, on calibration inputs:
@@ -125,7 +131,14 @@ def _channels_first(w: np.ndarray, axis: int) -> np.ndarray:
 
 def choose_weight(w: np.ndarray, bits: int, granularity: str, axis: Optional[int],
                   channel_gain_db: float, clip: bool = False) -> WeightDecision:
-    """Fixed point for a weight tensor, per tensor or per output channel by SQNR.
+    """Fixed point for a weight tensor, per tensor or per output channel.
+
+    Under ``auto`` per-channel steps are chosen when they raise the mean of the output
+    channels' own SQNRs (in dB, each channel's signal over its own error) by more than
+    ``channel_gain_db``. Not the tensor-wide SQNR: that is dominated by the largest channels,
+    and a layer whose one channel is 1000x the others keeps it at ~39 dB with one step while
+    the small channels all quantize to zero (their SQNR 0 dB), channels a later BatchNorm or
+    Mul may scale back up. Per-channel steps never do worse on a channel than the shared one.
 
     Without ``clip`` the fractional length never clips a weight: the search stops at the
     no-overflow length. Clipping the largest weights maximises the weight tensor's own SQNR
@@ -133,13 +146,17 @@ def choose_weight(w: np.ndarray, bits: int, granularity: str, axis: Optional[int
     weights are the ones that matter most, and the error they get is systematic).
     """
     above = Q.FXP_SEARCH_ABOVE if clip else 0
-    tensor = Q.best_fxp_tensor(w, bits, signed=True, above=above)
     if axis is None or granularity == "tensor" or w.ndim == 0:
+        tensor = Q.best_fxp_tensor(w, bits, signed=True, above=above)
         return WeightDecision(bits, "tensor", tensor.frac, None, tensor.sqnr_db, tensor.sqnr_db, None)
-    fracs, ch_sqnr = Q.best_fxp_channels(_channels_first(w, axis), bits, signed=True, above=above)
-    if granularity == "channel" or ch_sqnr > tensor.sqnr_db + channel_gain_db:
-        return WeightDecision(bits, "channel", [int(f) for f in fracs], axis, ch_sqnr, tensor.sqnr_db, ch_sqnr)
-    return WeightDecision(bits, "tensor", tensor.frac, None, tensor.sqnr_db, tensor.sqnr_db, ch_sqnr)
+    sc = Q.fxp_granularity(_channels_first(w, axis), bits, signed=True, above=above)
+    t_db, ch_db = sc.sqnr_tensor_db, sc.sqnr_channel_db
+    means = dict(sqnr_channels_mean_tensor_db=sc.mean_channel_tensor_db,
+                 sqnr_channels_mean_channel_db=sc.mean_channel_channel_db)
+    if granularity == "channel" or sc.channel_gain_db > channel_gain_db:
+        return WeightDecision(bits, "channel", [int(f) for f in sc.channel_fracs], axis, ch_db, t_db, ch_db,
+                              **means)
+    return WeightDecision(bits, "tensor", sc.tensor_frac, None, t_db, t_db, ch_db, **means)
 
 
 def choose_activation(hist: TensorHistogram, bits: int, mode: str, log_margin_db: float) -> ActDecision:

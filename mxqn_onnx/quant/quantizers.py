@@ -216,15 +216,109 @@ def best_fxp_channels(w2d: np.ndarray, bits: int, signed: bool = True, above: in
     Returns ``(fracs[int64, C], total_sqnr_db)``; candidates and channels are scored together.
     """
     w2d = np.asarray(w2d, dtype=np.float32)
+    fracs, err = _best_rows(w2d, bits, signed, above)
+    signal = float(np.sum(w2d.astype(np.float64) ** 2))
+    return fracs, sqnr_db(signal, float(np.sum(err)))
+
+
+def _best_rows(w2d: np.ndarray, bits: int, signed: bool, above: int):
+    """Each row's best fractional length and its squared-error sum (``[C]`` each)."""
     max_abs = np.max(np.abs(w2d), axis=1) if w2d.shape[1] else np.zeros(w2d.shape[0])
     f0 = np.array([no_overflow_frac(float(m), bits, signed) for m in max_abs], dtype=np.int64)
     offsets = np.arange(-FXP_SEARCH_BELOW, above + 1)
     cands = f0[:, None] + offsets[None, :]
     errs = _fxp_errors_rows(w2d, bits, signed, cands) if above else _errors_below_f0(w2d, bits, signed, cands)
     best = np.argmin(errs, axis=1)  # first minimum: the smallest f, i.e. least clipping
-    fracs = cands[np.arange(len(cands)), best]
-    signal = float(np.sum(w2d.astype(np.float64) ** 2))
-    return fracs.astype(np.int64), sqnr_db(signal, float(np.sum(errs[np.arange(len(cands)), best])))
+    rows = np.arange(len(cands))
+    return cands[rows, best].astype(np.int64), errs[rows, best]
+
+
+def channel_sqnr_cap_db(bits: int) -> float:
+    """Highest per-channel SQNR counted when channels' SQNRs are averaged: 10 dB above what a
+    ``bits``-bit grid reaches on full-range uniform data (``6.02 b``). A channel above it is as
+    good as exact; an exact one (SQNR +inf) counts as this, so a mean stays finite."""
+    return 20.0 * np.log10(2.0) * bits + 10.0
+
+
+def mean_channel_sqnr_db(signal: np.ndarray, err: np.ndarray, cap_db: float) -> float:
+    """Mean over rows of each row's own SQNR in dB (``signal_c / err_c``), each capped at
+    ``cap_db``. All-zero rows (exact under any step) are left out; +inf when every row is."""
+    signal = np.asarray(signal, dtype=np.float64)
+    live = signal > 0
+    if not np.any(live):
+        return float("inf")
+    s, e = signal[live], np.asarray(err, dtype=np.float64)[live]
+    with np.errstate(divide="ignore"):
+        db = 10.0 * np.log10(s / np.maximum(e, 0.0))  # +inf where a row is exact
+    return float(np.mean(np.minimum(db, cap_db)))
+
+
+@dataclass(frozen=True)
+class GranularityScores:
+    """Fixed point for a weight's rows (output channels) with one step for the whole tensor
+    and with one per row, and each row's squared error under both (``[C]`` arrays)."""
+
+    bits: int
+    tensor_frac: int
+    channel_fracs: np.ndarray
+    signal: np.ndarray
+    err_tensor: np.ndarray
+    err_channel: np.ndarray
+
+    @property
+    def sqnr_tensor_db(self) -> float:
+        """Tensor-wide SQNR (all signal over all error) with the per-tensor step."""
+        return sqnr_db(float(np.sum(self.signal)), float(np.sum(self.err_tensor)))
+
+    @property
+    def sqnr_channel_db(self) -> float:
+        """Tensor-wide SQNR with the per-channel steps."""
+        return sqnr_db(float(np.sum(self.signal)), float(np.sum(self.err_channel)))
+
+    @property
+    def mean_channel_tensor_db(self) -> float:
+        """Mean of the channels' own SQNRs (capped, :func:`channel_sqnr_cap_db`) with the per-tensor step."""
+        return mean_channel_sqnr_db(self.signal, self.err_tensor, channel_sqnr_cap_db(self.bits))
+
+    @property
+    def mean_channel_channel_db(self) -> float:
+        """Mean of the channels' own SQNRs (capped) with the per-channel steps."""
+        return mean_channel_sqnr_db(self.signal, self.err_channel, channel_sqnr_cap_db(self.bits))
+
+    @property
+    def channel_gain_db(self) -> float:
+        """What per-channel steps gain on the mean channel SQNR (0 for an all-zero tensor)."""
+        t, c = self.mean_channel_tensor_db, self.mean_channel_channel_db
+        return 0.0 if t == c else c - t  # inf == inf: all rows zero
+
+
+def fxp_granularity(w2d: np.ndarray, bits: int, signed: bool = True,
+                    above: int = FXP_SEARCH_ABOVE) -> GranularityScores:
+    """The per-tensor (:func:`best_fxp_tensor`) and per-row (:func:`best_fxp_channels`)
+    searches together, keeping each row's error under both; as many passes over the data.
+
+    The tensor step's candidates are scored row by row and the rows' errors summed, so the
+    rows' errors at the chosen step come with the choice.
+    """
+    w2d = np.asarray(w2d, dtype=np.float32)
+    fracs, err_channel = _best_rows(w2d, bits, signed, above)
+    max_abs = float(np.max(np.abs(w2d))) if w2d.size else 0.0
+    f0 = no_overflow_frac(max_abs, bits, signed)
+    cands = f0 + np.arange(-FXP_SEARCH_BELOW, above + 1)
+    rows_cands = np.broadcast_to(cands[None, :], (w2d.shape[0], len(cands)))
+    if above:
+        per_row = _fxp_errors_rows(w2d, bits, signed, rows_cands)
+    else:  # as _errors_below_f0 with the whole tensor as the one row
+        m = len(cands)
+        per_row = np.full(rows_cands.shape, np.inf)
+        per_row[:, m - 2:] = _fxp_errors_rows(w2d, bits, signed, rows_cands[:, m - 2:])
+        for j in range(m - 3, -1, -1):
+            if not np.sum(per_row[:, j + 1]) <= np.sum(per_row[:, j + 2]):
+                break
+            per_row[:, j] = _fxp_errors_rows(w2d, bits, signed, rows_cands[:, j:j + 1])[:, 0]
+    best = int(np.argmin(per_row.sum(axis=0)))  # first minimum: the smallest f, least clipping
+    signal = np.sum(np.square(w2d, dtype=np.float64), axis=1)
+    return GranularityScores(bits, int(cands[best]), fracs, signal, per_row[:, best], err_channel)
 
 
 def _errors_below_f0(rows: np.ndarray, bits: int, signed: bool, cands: np.ndarray) -> np.ndarray:

@@ -397,8 +397,9 @@ def test_layer_output_quantizers_are_dropped_where_they_cost_accuracy():
 
     model = _uneven_channels_net()
     x = cnn_inputs(64)
-    kw = dict(format="qdq", weight_granularity="channel")  # per channel, so conv1 keeps its small channels
+    kw = dict(format="qdq")  # weight granularity auto: conv1 per channel, so it keeps its small channels
     r = mxqn_onnx.quantize(model, {"x": x}, **kw)
+    assert {d.name: d.weight.granularity for d in r.layers}["conv1"] == "channel"
     ho = r.holdout
     assert ho["layer_output_quantizers"] == {"default": 1, "written": 0}
     assert ho["kept"] in ("no layer-output quantizers", "paper")
@@ -409,3 +410,23 @@ def test_layer_output_quantizers_are_dropped_where_they_cost_accuracy():
     on = mxqn_onnx.quantize(model, {"x": x}, **kw, qdq_layer_outputs="on")
     assert qdq.layer_output_pairs(on.model) == 1
     assert on.comparison.output_sqnr_db < r.comparison.output_sqnr_db - 10.0
+
+
+@pytest.mark.parametrize("fmt", ["mxqn", "qdq"])
+def test_default_granularity_keeps_the_channels_a_later_mul_scales_up(fmt):
+    # conv1's channel 0 is ~1000x the others: one step for all of conv1 keeps its tensor-wide
+    # SQNR near 39 dB but zeroes the small channels, which the Mul then scales back up (the
+    # old tensor-wide rule kept that step: the model's output SQNR was 0.4 dB). Judged on the
+    # channels' own SQNRs, auto gives conv1 a step per channel.
+    from graph_helpers import cnn_inputs
+
+    model = _uneven_channels_net()
+    x = cnn_inputs(64)
+    r = mxqn_onnx.quantize(model, {"x": x}, format=fmt)
+    conv1 = {d.name: d for d in r.layers}["conv1"]
+    assert conv1.weight.granularity == "channel"
+    assert conv1.weight.sqnr_channels_mean_channel_db > conv1.weight.sqnr_channels_mean_tensor_db + 20
+    assert r.comparison.output_sqnr_db > 25.0
+    # the one shared step, forced, is the old failure
+    t = mxqn_onnx.quantize(model, {"x": x}, format=fmt, weight_granularity="tensor")
+    assert t.comparison.output_sqnr_db < 5.0
