@@ -356,11 +356,13 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
 
     Bias correction's channel means, data-aware rounding's samples and the depthwise shifts
     came from the other calibration samples; here the default conversion, the one without bias
-    correction, the one without depthwise shifts (``auto``) and the paper's plain method (no
-    bias correction, round to nearest, no shifts) are compared by output SQNR on the held-back
-    samples, and the best is kept (a tie keeps the default). Candidates that would equal one
-    already built are not built. Also gives the kept model's session when it is still open
-    (verification goes on with it).
+    correction, the one without layer-output quantizers (``auto``), the one with the first and
+    last layer at ``keep_bits`` (``keep_ends`` auto, below ``keep_bits``), the one without
+    depthwise shifts (``auto``) and the paper's plain method (no bias correction, round to
+    nearest, no shifts) are compared by output SQNR on the held-back samples, and the best is
+    kept (a tie keeps the default). Candidates that would equal one already built are not
+    built. Also gives the kept model's session when it is still open (verification goes on
+    with it).
     """
     used_bc = any(d.bias_correction for d in default.layers)
     used_rounding = any(d.weight.rounding != "nearest" for d in default.layers)
@@ -397,7 +399,8 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     feeds = first_samples(source, stats.kept, stats.held_back)
     # every candidate has these layers (shifts change no shape), so this rounding cost
     cost = model_rounding_cost(_layers_of(graph, config))
-    # the default's choices, for the candidates that only drop bias correction from them
+    # the default's choices, for the candidates that only drop bias correction or layer-output
+    # quantizers from them, or only change the widths of the two ends
     chosen = {_choice_key(graph, config, cost): (default.layers, default.activations, config)}
     best, best_db, session = default, None, None
     # the default goes last, winning ties: its session, the last made, then serves verification

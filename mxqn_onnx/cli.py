@@ -15,7 +15,8 @@ from rich.console import Console
 from ._version import __version__
 from .calibration.data import PREPROCESSING
 from .config import (ACT_MODES, AUTO_ROUNDING_MAX_BITS, BIAS_MEANS, DEPTHWISE_SHIFTS, EQUALIZE, FORMATS,
-                     KEEP_ENDS, LAYER_OUTPUTS, QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES, ROUNDINGS, SENSITIVITIES, QuantConfig)
+                     KEEP_ENDS, LAYER_OUTPUTS, QDQ_ENCODINGS, GRANULARITIES, OBJECTIVES, ROUNDINGS, SENSITIVITIES,
+                     QuantConfig)
 from .errors import MxqnError
 from .writing import check_replaceable
 

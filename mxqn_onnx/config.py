@@ -20,6 +20,7 @@ EQUALIZE = ("off", "pow2", "float")
 DEPTHWISE_SHIFTS = ("auto", "on", "off")
 #: Whether ``qdq`` quantizes layer outputs no quantizer follows (see QuantConfig)
 LAYER_OUTPUTS = ("auto", "on", "off")
+#: Whether the held-back check tries the first and last layer at keep_bits (see QuantConfig)
 KEEP_ENDS = ("auto", "off")
 BIAS_MEANS = ("auto", "data", "batchnorm")
 #: under rounding="auto", data-aware rounding is used at or below this weight width, and at
