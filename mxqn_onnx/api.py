@@ -10,7 +10,6 @@ is a thin layer over it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ from .memory import release_freed_memory
 from .mixed import search as mixed
 from .mixed.search import packed_weight_bytes
 from .mixed.sensitivity import make_probe
-from .quant.choose import ActDecision, LayerDecision, choose_all, model_rounding_cost, without_bias_correction
+from .quant.candidates import KEEP_ENDS_MAX_SHARE, choice_key, choose_candidate, ends_share
+from .quant.choose import ActDecision, LayerDecision, choose_all, model_rounding_cost
 from .quant.quantizers import combine_sqnr_db
 from .report.measure import VERIFY_TOLERANCE_DB, Comparison, class_outputs, compare
 from .report.plots import histogram_summary
@@ -379,7 +379,7 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
         variants.append(("no bias correction", dataclasses.replace(config, bias_correction=False), graph))
     if outputs_on_trial:
         variants.append(("no layer-output quantizers", dataclasses.replace(config, qdq_layer_outputs="off"), graph))
-    if config.keep_ends_on_trial and _ends_share(default.layers) <= KEEP_ENDS_MAX_SHARE:
+    if config.keep_ends_on_trial and ends_share(default.layers) <= KEEP_ENDS_MAX_SHARE:
         variants.append((f"first and last layer at {config.keep_bits} bits",
                          dataclasses.replace(config, keep_first=True, keep_last=True), graph))
     refined = used_bc or used_rounding or config.act_objective != "tensor"
@@ -401,7 +401,7 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     cost = model_rounding_cost(_layers_of(graph, config))
     # the default's choices, for the candidates that only drop bias correction or layer-output
     # quantizers from them, or only change the widths of the two ends
-    chosen = {_choice_key(graph, config, cost): (default.layers, default.activations, config)}
+    chosen = {choice_key(graph, config, cost): (default.layers, default.activations, config)}
     best, best_db, session = default, None, None
     # the default goes last, winning ties: its session, the last made, then serves verification
     for name, cfg, base in variants[1:] + variants[:1]:
@@ -409,7 +409,7 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
             cand = default
         else:
             g, ls = _layers_of_copy(base, cfg)
-            d, a = _choose_candidate(ls, base, cfg, stats, chosen, cost)
+            d, a = choose_candidate(ls, base, cfg, stats.hists, stats.samples, stats.means, chosen, cost)
             cand = _result(prepared, ls, skipped, d, a, stats, None, cfg)
             cand.model = _rewrite(g, ls, cand, source_model)
         session = None  # one candidate session at a time
@@ -427,60 +427,6 @@ def _check_on_held_back(default: QuantResult, graph: gs.Graph, prepared: "_Prepa
     best.held_back_comparison = best_c  # verification goes on from it
     set_metadata(best.model, best.decisions())
     return best, session if best is cand else None
-
-
-#: the held-back check tries the first and last layer at ``keep_bits`` only where they hold at
-#: most this share of the weights (at 4 bits, 0.2 bit more per weight on average at most): the
-#: user's width stays the model's width. On the bench networks they hold 0.2-2%.
-KEEP_ENDS_MAX_SHARE = 0.05
-
-
-def _ends_share(layers: List[LayerDecision]) -> float:
-    """The share of the weights held by the first and the last layer (1.0 with fewer than 3)."""
-    if len(layers) < 3:
-        return 1.0
-    return (layers[0].params + layers[-1].params) / max(1, sum(d.params for d in layers))
-
-
-def _choice_key(graph: gs.Graph, config: QuantConfig, cost: float) -> tuple:
-    """What a candidate's choices depend on, bias correction and layer-output quantizers aside
-    (``auto`` rounding that rounds no layer with data, in a model of rounding cost ``cost``,
-    is round to nearest)."""
-    d = {**config.to_dict(), "bias_correction": None, "depthwise_shift": None, "qdq_layer_outputs": None,
-         "keep_first": None, "keep_last": None, "keep_ends": None}
-    # the widths of both ends' choices: keeping the ends at keep_bits must not change the key
-    widths = {config.wbits} | ({config.keep_bits} if config.keep_ends_on_trial or config.keep_first
-                               or config.keep_last else set())
-    if config.rounding == "auto" and not any(config.rounds_with_data(b, cost) for b in widths):
-        d["rounding"] = "nearest"
-    return id(graph), json.dumps(d, sort_keys=True, default=str)
-
-
-def _choose_candidate(layers: List[Layer], graph: gs.Graph, config: QuantConfig, stats: "_Statistics",
-                      chosen: dict, cost: float) -> Tuple[List[LayerDecision], Dict[str, ActDecision]]:
-    """A held-back candidate's decisions. One that only drops bias correction or the
-    layer-output quantizers from a candidate already chosen on the same graph takes its
-    choices (:func:`without_bias_correction`; the output quantizers are extra entries of the
-    activations, which no layer's choice depends on); one that only keeps the first and last
-    layer at other widths chooses those layers again and takes the rest (``choose_all``'s
-    ``reuse``)."""
-    key = _choice_key(graph, config, cost)
-    old = chosen.get(key)
-    ends = lambda c: (c.keep_first, c.keep_last)  # noqa: E731
-    if old is not None and ends(old[2]) == ends(config) and \
-            (old[2].quantizes_layer_outputs or not config.quantizes_layer_outputs):
-        decisions, acts, _ = old
-        if not config.bias_correction:
-            decisions = without_bias_correction(decisions, layers)
-        if not config.quantizes_layer_outputs:
-            inputs = {layer.data.name for layer in layers}
-            acts = {t: a for t, a in acts.items() if t in inputs}
-        return decisions, acts
-    reuse = old if old is not None and old[2].bias_correction == config.bias_correction else None
-    decisions, acts = choose_all(layers, stats.hists, config, None, stats.samples, stats.means, reuse=reuse)
-    if config.bias_correction and old is None:
-        chosen[key] = (decisions, acts, config)
-    return decisions, acts
 
 
 def _mixed_precision(graph: gs.Graph, layers: List[Layer], skipped: List[Skipped], stats: _Statistics,

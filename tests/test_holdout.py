@@ -1,5 +1,7 @@
 """Data-derived defaults are checked on held-back calibration samples (QuantConfig.holdout)."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -61,7 +63,7 @@ def test_bias_correction_dropped_where_held_back_samples_disagree(tmp_path):
     assert ho["sqnr_db"]["no bias correction"] > ho["sqnr_db"]["default"]
     assert ho["kept"] != "default"
     assert not any(d.bias_correction for d in res.layers)
-    stored = mxqn_onnx.api.json.loads(dict((p.key, p.value) for p in res.model.metadata_props)["mxqn"])
+    stored = json.loads(dict((p.key, p.value) for p in res.model.metadata_props)["mxqn"])
     assert stored["holdout"]["kept"] == ho["kept"]
     # that candidate took the default's choices minus the correction: the same as choosing
     # afresh without it (weights, rounding and activations do not depend on the correction)

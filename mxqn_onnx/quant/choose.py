@@ -16,7 +16,7 @@ from ..calibration.observers import TensorHistogram
 from ..config import QuantConfig
 from ..graph.layers import Layer
 from ..lowbit import correction, rounding, unfold
-from . import objective, quantizers as Q
+from . import objective, quantizers as Q, weight_search as W
 
 BIAS_BITS = 32
 
@@ -31,7 +31,7 @@ class WeightDecision:
     sqnr_tensor_db: float
     sqnr_channel_db: Optional[float]
     #: mean over output channels of each channel's own SQNR (capped at
-    #: :func:`~mxqn_onnx.quant.quantizers.channel_sqnr_cap_db`, all-zero channels left out),
+    #: :func:`~mxqn_onnx.quant.weight_search.channel_sqnr_cap_db`, all-zero channels left out),
     #: with the per-tensor step / with per-channel steps: what ``auto`` decides on
     #: (None: not scored, i.e. no channel axis or ``tensor`` granularity)
     sqnr_channels_mean_tensor_db: Optional[float] = None
@@ -147,9 +147,9 @@ def choose_weight(w: np.ndarray, bits: int, granularity: str, axis: Optional[int
     """
     above = Q.FXP_SEARCH_ABOVE if clip else 0
     if axis is None or granularity == "tensor" or w.ndim == 0:
-        tensor = Q.best_fxp_tensor(w, bits, signed=True, above=above)
+        tensor = W.best_fxp_tensor(w, bits, signed=True, above=above)
         return WeightDecision(bits, "tensor", tensor.frac, None, tensor.sqnr_db, tensor.sqnr_db, None)
-    sc = Q.fxp_granularity(_channels_first(w, axis), bits, signed=True, above=above)
+    sc = W.fxp_granularity(_channels_first(w, axis), bits, signed=True, above=above)
     t_db, ch_db = sc.sqnr_tensor_db, sc.sqnr_channel_db
     means = dict(sqnr_channels_mean_tensor_db=sc.mean_channel_tensor_db,
                  sqnr_channels_mean_channel_db=sc.mean_channel_channel_db)

@@ -15,6 +15,7 @@ from mxqn_onnx.graph.layers import find_layers
 from mxqn_onnx.graph.loading import normalise
 from mxqn_onnx.lowbit import correction
 from mxqn_onnx.quant import quantizers as Q
+from mxqn_onnx.quant import weight_search as W
 
 C_IN, C_MID, C_OUT, HW = 16, 8, 12, 12
 EPS = 1e-5
@@ -244,7 +245,7 @@ def test_planted_weight_shift_is_removed_with_prior_means():
     graph, means = _priors_means(model)
     layer = _conv2(graph)
     w, b = layer.weight, layer.bias
-    fracs, _ = Q.best_fxp_channels(w.reshape(w.shape[0], -1), 4, True)
+    fracs, _ = W.best_fxp_channels(w.reshape(w.shape[0], -1), 4, True)
     wq = Q.fxp_quantize(w, 4, fracs.reshape(-1, 1, 1, 1), True)
     shift = correction.output_shift(layer, w, wq, means[layer.data.name])
     assert shift is not None

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mxqn_onnx.quant import quantizers as Q
+from mxqn_onnx.quant import weight_search as W
 from mxqn_onnx.quant.choose import choose_weight
 
 
@@ -38,8 +39,8 @@ def test_the_tensor_wide_sqnr_alone_hides_the_lost_channels():
     # the old rule's failure, explicitly: one step for all channels keeps the tensor-wide SQNR
     # high (the large channel dominates it) while every small channel quantizes to zero
     w = _one_huge_channel()
-    tensor = Q.best_fxp_tensor(w, 8, True, above=0)
-    _, ch_db = Q.best_fxp_channels(w.reshape(4, -1), 8, True, above=0)
+    tensor = W.best_fxp_tensor(w, 8, True, above=0)
+    _, ch_db = W.best_fxp_channels(w.reshape(4, -1), 8, True, above=0)
     assert tensor.sqnr_db > 35 and ch_db < tensor.sqnr_db + 0.5  # no tensor-wide gain to speak of
     q = Q.fxp_quantize(w, 8, tensor.frac, True)
     assert not np.any(q[1:])
@@ -66,13 +67,13 @@ def test_zero_and_exact_channels_stay_finite():
     w[2] = np.linspace(-1e-3, 1e-3, 6)
     w[3] = np.linspace(-1, 1, 6)
     d = choose_weight(w, 8, "auto", 0, 0.5)
-    cap = Q.channel_sqnr_cap_db(8)
+    cap = W.channel_sqnr_cap_db(8)
     for v in (d.sqnr_channels_mean_tensor_db, d.sqnr_channels_mean_channel_db):
         assert np.isfinite(v) and 0.0 <= v <= cap
     assert d.granularity == "channel"  # the tiny channel 2 is lost under the shared step
     z = choose_weight(np.zeros((3, 5), np.float32), 8, "auto", 0, 0.5)
     assert z.granularity == "tensor" and z.sqnr_channels_mean_tensor_db == z.sqnr_channels_mean_channel_db
-    assert Q.fxp_granularity(np.zeros((3, 5), np.float32), 8, True, 0).channel_gain_db == 0.0
+    assert W.fxp_granularity(np.zeros((3, 5), np.float32), 8, True, 0).channel_gain_db == 0.0
 
 
 @settings(max_examples=60, deadline=None)
@@ -83,9 +84,9 @@ def test_scores_agree_with_the_separate_searches(rows, cols, bits, clip, seed):
     if rng.random() < 0.3:
         w[rng.integers(0, rows)] = 0
     above = Q.FXP_SEARCH_ABOVE if clip else 0
-    sc = Q.fxp_granularity(w, bits, True, above)
-    t = Q.best_fxp_tensor(w, bits, True, above)
-    fr, db = Q.best_fxp_channels(w, bits, True, above)
+    sc = W.fxp_granularity(w, bits, True, above)
+    t = W.best_fxp_tensor(w, bits, True, above)
+    fr, db = W.best_fxp_channels(w, bits, True, above)
     assert sc.tensor_frac == t.frac and np.array_equal(sc.channel_fracs, fr)
     assert sc.sqnr_tensor_db == pytest.approx(t.sqnr_db, abs=1e-9)
     assert sc.sqnr_channel_db == pytest.approx(db, abs=1e-9)

@@ -7,6 +7,7 @@ from hypothesis.extra.numpy import arrays
 
 from mxqn_onnx.calibration.observers import TensorHistogram
 from mxqn_onnx.quant import quantizers as Q
+from mxqn_onnx.quant import weight_search as W
 from mxqn_onnx.quant.choose import choose_activation
 
 floats = arrays(np.float32, st.integers(1, 200),
@@ -84,7 +85,7 @@ def test_optimal_frac_never_worse_than_no_overflow(w, bits, signed):
         w = np.abs(w)
     if not np.any(w):
         return
-    best = Q.best_fxp_tensor(w, bits, signed)
+    best = W.best_fxp_tensor(w, bits, signed)
     f0 = Q.no_overflow_frac(float(np.max(np.abs(w))), bits, signed)
     assert best.sqnr_db >= Q.sqnr_of(w, Q.fxp_quantize(w, bits, f0, signed)) - 1e-9
 
@@ -104,10 +105,10 @@ def test_weight_search_without_clipping_equals_scoring_every_candidate(rows, col
         w = np.sign(w) * 2.0 ** rng.integers(-3, 3, size=w.shape).astype(np.float32)
     if not signed:
         w = np.abs(w)
-    fracs, db = Q.best_fxp_channels(w, bits, signed, above=0)
+    fracs, db = W.best_fxp_channels(w, bits, signed, above=0)
     f0 = np.array([Q.no_overflow_frac(float(m), bits, signed) for m in np.abs(w).max(axis=1)])
     cands = f0[:, None] + np.arange(-Q.FXP_SEARCH_BELOW, 1)[None, :]
-    errs = Q._fxp_errors_rows(w, bits, signed, cands)
+    errs = W._fxp_errors_rows(w, bits, signed, cands)
     best = np.argmin(errs, axis=1)
     np.testing.assert_array_equal(fracs, cands[np.arange(rows), best])
     total = float(np.sum(errs[np.arange(rows), best]))
