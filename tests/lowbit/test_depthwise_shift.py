@@ -194,10 +194,13 @@ def test_candidates_that_only_drop_bias_correction_are_not_chosen_again(monkeypa
     no depthwise shift): two choices in all, and the paper candidate measures exactly what a
     conversion choosing it afresh measures."""
     import mxqn_onnx.api as api
+    import mxqn_onnx.quant.candidates as candidates
 
     calls = []
     real = api.choose_all
-    monkeypatch.setattr(api, "choose_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counting = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(api, "choose_all", counting)  # the default's choice
+    monkeypatch.setattr(candidates, "choose_all", counting)  # the held-back candidates'
     model, x = _net(), _data()
     res = mxqn_onnx.quantize(model, x, abits=6, rounding="nearest")
     assert set(res.holdout["sqnr_db"]) == {"default", "no bias correction", "no depthwise shift", "paper"}
